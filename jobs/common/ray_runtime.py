@@ -1,0 +1,51 @@
+"""Connect to Ray the same way in every job.
+
+Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster; otherwise it
+starts a local instance bounded to `num_cpus` and bound to loopback.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Jobs run as scripts (`python jobs/x.py`, also under `ray job submit --working-dir .`):
+# the repository root must be importable for `slmrec`, `pipelines` and `jobs.common`.
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Ray reads these at init; workers inherit them. Loopback only, fast Train V2 start-up,
+# DeepSpeed on the CPU accelerator unless a GPU is present.
+DEFAULT_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_default_env() -> None:
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_local_ray(num_cpus: int | None = 2) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a bounded local one. A no-op when
+    Ray is already initialised in this process (tests share one instance)."""
+    set_default_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": dict(DEFAULT_ENV)})
+        return
+    # Workers import slmrec/pipelines/jobs from the repository root.
+    ray.init(num_cpus=num_cpus, include_dashboard=False,
+             runtime_env={"env_vars": {**DEFAULT_ENV, "PYTHONPATH": _pythonpath()}})
+
+
+def _pythonpath() -> str:
+    existing = os.environ.get("PYTHONPATH", "")
+    return str(ROOT) + (os.pathsep + existing if existing else "")
