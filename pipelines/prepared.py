@@ -1,0 +1,61 @@
+"""Read what the prepare stage wrote; the one place later stages learn its layout.
+
+A prepared directory holds:
+  sequences/*.parquet  one row per user: user_id (original value and type),
+                       item_index list<int32> (1..N, 0 is padding) and
+                       timestamp list<int64>, both in (timestamp, item_id) order;
+                       the last two items are the validation and test targets.
+  items/*.parquet      item_id (original), item_index int32, count int64.
+  stats.json           row accounting and settings (see pipelines/prepare.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import ray.data
+
+STATS_FILE = "stats.json"
+SEQUENCES_DIR = "sequences"
+ITEMS_DIR = "items"
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: missing {what}; is {path.parent} the --output of jobs/prepare.py?")
+    return path
+
+
+def read_stats(path: str | Path) -> dict[str, Any]:
+    """The stats.json of a prepared directory (row accounting, users, items, settings)."""
+    return json.loads(_require(Path(path) / STATS_FILE, STATS_FILE).read_text())
+
+
+def num_items(path: str | Path) -> int:
+    """Number of items N; item indices run 1..N and 0 is padding, so an embedding
+    table needs N + 1 rows."""
+    return int(read_stats(path)["items"])
+
+
+def load_item_vocab(path: str | Path) -> pa.Table:
+    """The item vocabulary (item_id, item_index, count), sorted by item_index.
+
+    It is O(items), small next to the log, so it is read on the caller's process."""
+    items_dir = _require(Path(path) / ITEMS_DIR, f"{ITEMS_DIR}/ directory")
+    table = pq.read_table(items_dir)
+    return table.select(["item_id", "item_index", "count"]).sort_by("item_index")
+
+
+def sequences_dataset(path: str | Path) -> "ray.data.Dataset":
+    """The per-user sequences as a lazily read Ray Dataset
+    (user_id, item_index list<int32>, timestamp list<int64>)."""
+    import ray.data
+
+    seq_dir = _require(Path(path) / SEQUENCES_DIR, f"{SEQUENCES_DIR}/ directory")
+    return ray.data.read_parquet(str(seq_dir), file_extensions=["parquet"])
