@@ -1,0 +1,176 @@
+"""Training losses: next-item cross-entropy and SLMRec's three distillation terms.
+
+Conventions: logits have N+1 columns and column 0 (padding) is never a prediction, so it
+is left out of the softmax; targets equal to 0 are padding and are not counted. Hidden
+states are [B, L, H] with a bool mask [B, L] of valid positions (or [B, H] with mask None).
+
+Causal training note: the paper aligns teacher and student at the LAST position of a
+sequence. We train on every prefix in one causal pass, where each valid position is the
+last position of its own prefix, so the alignment terms are means over valid positions;
+with one position per sequence they reduce to the paper's definition.
+
+Teacher tensors are detached inside every function here: the teacher is frozen, and a
+gradient reaching it would silently turn distillation into co-training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NormMode = Literal["distance", "norm"]
+
+
+def next_item_ce(logits: Tensor, targets: Tensor, ignore_index: int = 0) -> Tensor:
+    """Mean cross-entropy over positions whose target is not `ignore_index` (padding).
+
+    logits [B, L, N+1] with targets [B, L], or [B, N+1] with targets [B]. The softmax runs
+    over items 1..N only: the padding column must not absorb probability mass.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
+            "expected logits [..., N+1] with targets [...]")
+    num_items = logits.shape[-1] - 1
+    keep = targets != ignore_index
+    if not keep.any():
+        raise ValueError("every target is padding; the cross-entropy of an empty batch is undefined")
+    kept = targets[keep]
+    if int(kept.min()) < 1 or int(kept.max()) > num_items:
+        raise ValueError(
+            f"targets must be items in 1..{num_items} (0 is padding), got values in "
+            f"[{int(kept.min())}, {int(kept.max())}]")
+    return F.cross_entropy(logits[keep][:, 1:], kept - 1)
+
+
+def _check_pair(h_s: Tensor, h_t: Tensor, mask: Tensor | None) -> None:
+    if h_s.shape != h_t.shape:
+        raise ValueError(
+            f"student {tuple(h_s.shape)} and teacher {tuple(h_t.shape)} hidden states differ in shape; "
+            "alignment needs the same hidden size and positions")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != h_s.shape[:-1]):
+        raise ValueError(
+            f"mask must be bool {tuple(h_s.shape[:-1])} (valid positions), got {mask.dtype} {tuple(mask.shape)}")
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return values.mean()
+    if not mask.any():
+        raise ValueError("mask has no valid position; the mean is undefined")
+    return values[mask].mean()
+
+
+def direction_alignment(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Feature direction alignment: mean over valid positions of 1 - cos(h_s, h_t)."""
+    _check_pair(h_s, h_t, mask)
+    cos = F.cosine_similarity(h_s, h_t.detach(), dim=-1, eps=1e-8)
+    return _masked_mean(1.0 - cos, mask)
+
+
+def norm_regularisation(h_s: Tensor, h_t: Tensor, mask: Tensor | None = None,
+                        mode: NormMode = "distance") -> Tensor:
+    """Feature norm regularisation, mean over valid positions.
+
+    mode="distance" (default, as the reference code): ||h_s - h_t||_2 per position.
+    mode="norm" (the paper's wording): | ||h_s||_2 - ||h_t||_2 | per position.
+    """
+    _check_pair(h_s, h_t, mask)
+    h_t = h_t.detach()
+    if mode == "distance":
+        per_position = torch.linalg.vector_norm(h_s - h_t, dim=-1)
+    elif mode == "norm":
+        per_position = (torch.linalg.vector_norm(h_s, dim=-1) - torch.linalg.vector_norm(h_t, dim=-1)).abs()
+    else:
+        raise ValueError(f"norm mode must be 'distance' or 'norm', got {mode!r}")
+    return _masked_mean(per_position, mask)
+
+
+def multiple_supervision(aux_logits: Sequence[Tensor], targets: Tensor) -> Tensor:
+    """Sum over the extra heads of each head's next-item cross-entropy (0 with no heads)."""
+    if not aux_logits:
+        return torch.zeros((), device=targets.device)
+    return torch.stack([next_item_ce(logits, targets) for logits in aux_logits]).sum()
+
+
+@dataclass(frozen=True)
+class DistillWeights:
+    """Loss weights (reference: cos 1.0, l2 0.1, ms 1.0). A weight of 0 skips that term."""
+
+    cos: float = 1.0
+    l2: float = 0.1
+    ms: float = 1.0
+    norm_mode: NormMode = "distance"
+
+    def __post_init__(self) -> None:
+        for name in ("cos", "l2", "ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"distillation weight {name} must be >= 0, got {getattr(self, name)}")
+        if self.norm_mode not in ("distance", "norm"):
+            raise ValueError(f"norm_mode must be 'distance' or 'norm', got {self.norm_mode!r}")
+
+
+@dataclass
+class LossTerms:
+    """Each term UNWEIGHTED and separately (so each can be logged), plus the weighted total.
+
+    cos and l2 are summed over blocks. A term whose weight is 0 is a constant 0.0 tensor
+    with no autograd graph: it was never computed.
+    """
+
+    total: Tensor
+    ce: Tensor
+    cos: Tensor
+    l2: Tensor
+    ms: Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats for logging (keys: total, ce, cos, l2, ms)."""
+        return {name: float(getattr(self, name).detach()) for name in ("total", "ce", "cos", "l2", "ms")}
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    aux_logits: Sequence[Tensor],
+    student_blocks: Sequence[Tensor],
+    teacher_blocks: Sequence[Tensor],
+    targets: Tensor,
+    mask: Tensor | None,
+    weights: DistillWeights = DistillWeights(),
+) -> LossTerms:
+    """total = ce + w.cos * sum_b(1 - cos) + w.l2 * sum_b(norm term) + w.ms * sum_heads(ce).
+
+    student_blocks / teacher_blocks: the paired block outputs (see slmrec.blocks), one
+    [B, L, H] tensor each, shallow to deep. aux_logits: the B-1 extra heads' logits.
+    Inputs of a zero-weight term are not read and may be empty.
+    """
+    ce = next_item_ce(student_logits, targets)
+    zero = torch.zeros((), device=ce.device)
+    if weights.cos or weights.l2:
+        if len(student_blocks) != len(teacher_blocks) or not student_blocks:
+            raise ValueError(
+                f"need the same non-zero number of student and teacher blocks, got "
+                f"{len(student_blocks)} and {len(teacher_blocks)}")
+    cos = zero
+    if weights.cos:
+        cos = torch.stack([direction_alignment(s, t, mask) for s, t in zip(student_blocks, teacher_blocks)]).sum()
+    l2 = zero
+    if weights.l2:
+        l2 = torch.stack([norm_regularisation(s, t, mask, weights.norm_mode)
+                          for s, t in zip(student_blocks, teacher_blocks)]).sum()
+    ms = zero
+    if weights.ms:
+        if not aux_logits:
+            raise ValueError(
+                "weights.ms > 0 but no auxiliary head logits were given "
+                "(with a single block there are no extra heads: set the ms weight to 0)")
+        if student_blocks and len(aux_logits) != len(student_blocks) - 1:
+            raise ValueError(
+                f"expected one auxiliary head per block but the last ({len(student_blocks) - 1}), "
+                f"got {len(aux_logits)}")
+        ms = multiple_supervision(aux_logits, targets)
+    total = ce + weights.cos * cos + weights.l2 * l2 + weights.ms * ms
+    return LossTerms(total=total, ce=ce, cos=cos, l2=l2, ms=ms)
