@@ -1,0 +1,224 @@
+"""Interaction logs in Parquet: find the files, check them, normalise their rows.
+
+Everything that can be wrong with the input *as a whole* (no files, an unreadable file,
+a missing column, a column of the wrong type, types that differ between files, no rows)
+is found here on the driver from Parquet footers alone, before any work starts, and
+reported with the file and the problem. Only null cells are row-level problems; they
+are counted, not fatal (see `reject_rows`).
+
+Canonical columns after `normalize`: user_id and item_id (int64 or string, whichever
+kind the input has), timestamp (int64: integer input as is, Parquet timestamps as
+integers in their own unit), and rating (float64) when a rating filter is asked for.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+USER, ITEM, TIME, RATING = "user_id", "item_id", "timestamp", "rating"
+
+# Order matters: a row with several null cells is counted under the first reason only,
+# so the reasons add up to the number of rejected rows.
+REJECT_REASONS = ("null_user_id", "null_item_id", "null_timestamp", "null_rating",
+                  "rating_below_min")
+
+
+class LogError(ValueError):
+    """The input log cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ColumnNames:
+    """Names of the log's columns in the input files."""
+
+    user: str = USER
+    item: str = ITEM
+    timestamp: str = TIME
+    rating: str = RATING
+
+
+@dataclass(frozen=True)
+class LogSchema:
+    """What validation learnt about the input: its files, their rows, and the kinds of
+    the id columns (the output keeps the original id type)."""
+
+    files: tuple[str, ...]
+    num_rows: int
+    user_type: pa.DataType
+    item_type: pa.DataType
+    with_rating: bool
+
+    @property
+    def canonical_user_type(self) -> pa.DataType:
+        return _canonical_id_type(self.user_type)
+
+    @property
+    def canonical_item_type(self) -> pa.DataType:
+        return _canonical_id_type(self.item_type)
+
+
+def resolve_inputs(spec: str | os.PathLike | list[str]) -> list[str]:
+    """Expand a Parquet file, a directory (searched recursively for *.parquet) or a glob,
+    or a list of those, into a sorted list of files."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    files: list[str] = []
+    for one in specs:
+        one = str(one)
+        if glob.has_magic(one):
+            matched = sorted(p for p in glob.glob(one, recursive=True) if os.path.isfile(p))
+            if not matched:
+                raise LogError(f"{one}: the glob matches no files")
+            files.extend(matched)
+        elif os.path.isdir(one):
+            matched = sorted(str(p) for p in Path(one).rglob("*.parquet") if p.is_file())
+            if not matched:
+                raise LogError(f"{one}: directory holds no *.parquet files")
+            files.extend(matched)
+        elif os.path.isfile(one):
+            files.append(one)
+        else:
+            raise LogError(f"{one}: no such file or directory")
+    return sorted(dict.fromkeys(files))
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        return _is_id_type(t.value_type)
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _id_kind(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        return _id_kind(t.value_type)
+    return "integer" if pa.types.is_integer(t) else "string"
+
+
+def _canonical_id_type(t: pa.DataType) -> pa.DataType:
+    return pa.int64() if _id_kind(t) == "integer" else pa.string()
+
+
+def _output_id_type(t: pa.DataType) -> pa.DataType:
+    """The id type the output keeps: the input's integer width, or plain string."""
+    if pa.types.is_dictionary(t):
+        return _output_id_type(t.value_type)
+    return t if pa.types.is_integer(t) else pa.string()
+
+
+def _read_footer(path: str) -> tuple[pa.Schema, int]:
+    try:
+        pf = pq.ParquetFile(path)
+        return pf.schema_arrow, pf.metadata.num_rows
+    except (OSError, pa.ArrowException) as e:
+        raise LogError(f"{path}: cannot read as Parquet ({e})") from e
+
+
+def _check_file(path: str, schema: pa.Schema, names: ColumnNames, with_rating: bool) -> None:
+    wanted = [names.user, names.item, names.timestamp] + ([names.rating] if with_rating else [])
+    missing = [c for c in wanted if c not in schema.names]
+    if missing:
+        raise LogError(f"{path}: missing column(s) {missing}; columns are {schema.names} "
+                       "(map other names with --user-column/--item-column/--timestamp-column"
+                       "/--rating-column)")
+    for col in (names.user, names.item):
+        t = schema.field(col).type
+        if not _is_id_type(t):
+            raise LogError(f"{path}: column {col!r} has type {t}; ids must be integers or strings")
+    t = schema.field(names.timestamp).type
+    if not (pa.types.is_integer(t) or pa.types.is_timestamp(t)):
+        raise LogError(f"{path}: column {names.timestamp!r} has type {t}; timestamps must be "
+                       "integers (e.g. unix seconds) or Parquet timestamps")
+    if with_rating:
+        t = schema.field(names.rating).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+            raise LogError(f"{path}: column {names.rating!r} has type {t}; a rating must be numeric")
+
+
+def validate(files: list[str], names: ColumnNames, with_rating: bool,
+             max_threads: int = 16) -> LogSchema:
+    """Check every file's footer (schema and row count) without reading data.
+
+    Fails fast with `LogError` naming the file: unreadable, missing column, wrong type,
+    id kinds (integer vs string) that differ between files, or no rows at all."""
+    if not files:
+        raise LogError("no input files")
+    with ThreadPoolExecutor(max_workers=min(max_threads, len(files))) as pool:
+        footers = list(pool.map(_read_footer, files))
+    first_kinds: dict[str, tuple[str, str]] = {}
+    for path, (schema, _) in zip(files, footers):
+        _check_file(path, schema, names, with_rating)
+        for col in (names.user, names.item):
+            kind = _id_kind(schema.field(col).type)
+            seen = first_kinds.setdefault(col, (kind, path))
+            if seen[0] != kind:
+                raise LogError(f"{path}: column {col!r} holds {kind} ids but {seen[1]} holds "
+                               f"{seen[0]} ids; all files must use one kind")
+    num_rows = sum(n for _, n in footers)
+    if num_rows == 0:
+        raise LogError(f"input is empty: {len(files)} file(s), 0 rows (first: {files[0]})")
+    # The widest integer type among the files is the output type (int32 + int64 -> int64).
+    user_type = _widest([s.field(names.user).type for s, _ in footers])
+    item_type = _widest([s.field(names.item).type for s, _ in footers])
+    return LogSchema(tuple(files), num_rows, user_type, item_type, with_rating)
+
+
+def _widest(types: list[pa.DataType]) -> pa.DataType:
+    """One output type for an id column: the files' integer type when they agree,
+    int64 when integer widths differ, string for string ids."""
+    out = {_output_id_type(t) for t in types}
+    return out.pop() if len(out) == 1 else pa.int64()
+
+
+def read_columns(names: ColumnNames, with_rating: bool) -> list[str]:
+    """The input columns the prepare stage reads (everything else is never loaded)."""
+    return [names.user, names.item, names.timestamp] + ([names.rating] if with_rating else [])
+
+
+def normalize(table: pa.Table, names: ColumnNames, schema: LogSchema) -> pa.Table:
+    """Rename to the canonical column names and cast to the canonical types."""
+    cols = {USER: table.column(names.user), ITEM: table.column(names.item),
+            TIME: table.column(names.timestamp)}
+    out = {
+        USER: _cast_id(cols[USER], schema.canonical_user_type),
+        ITEM: _cast_id(cols[ITEM], schema.canonical_item_type),
+        TIME: _cast_time(cols[TIME]),
+    }
+    if schema.with_rating:
+        out[RATING] = table.column(names.rating).cast(pa.float64())
+    return pa.table(out)
+
+
+def _cast_id(col: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(target)
+
+
+def _cast_time(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    # Parquet timestamps become integers in their own unit (s, ms, us or ns).
+    return col.cast(pa.int64())
+
+
+def reject_rows(table: pa.Table, min_rating: float | None) -> tuple[pa.Table, dict[str, int]]:
+    """Drop rows with a null user_id, item_id or timestamp (and, with a rating filter,
+    a null or too-low rating); return the kept rows and the count per reason."""
+    counts = dict.fromkeys(REJECT_REASONS, 0)
+    tests = [("null_user_id", pc.is_valid(table[USER])),
+             ("null_item_id", pc.is_valid(table[ITEM])),
+             ("null_timestamp", pc.is_valid(table[TIME]))]
+    if min_rating is not None:
+        tests += [("null_rating", pc.is_valid(table[RATING])),
+                  ("rating_below_min",
+                   pc.fill_null(pc.greater_equal(table[RATING], min_rating), True))]
+    keep = None
+    for reason, ok in tests:
+        failing = pc.invert(ok) if keep is None else pc.and_(keep, pc.invert(ok))
+        counts[reason] = int(pc.sum(failing).as_py() or 0)
+        keep = ok if keep is None else pc.and_(keep, ok)
+    return table.filter(keep), counts

@@ -1,0 +1,129 @@
+"""Per-partition kernels of the prepare stage, in DuckDB.
+
+Each kernel works on ONE user-hash partition (every row of a user is in the same
+partition), so deduplication, the per-user k-core test, ordering and truncation are
+exact locally. Only item counts are global; the driver sums them (see prepare.py).
+
+DuckDB runs with a memory limit and a spill directory, so a kernel's memory is bounded by
+settings, not by the partition's size. No Ray in here: the kernels are plain functions,
+tested directly and wrapped as Ray tasks by the orchestrator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """Resources one kernel may use."""
+
+    threads: int = 1
+    memory_limit_mb: int = 2048
+    spill_dir: str | None = None
+
+
+def connect(settings: KernelSettings) -> duckdb.DuckDBPyConnection:
+    config = {"threads": settings.threads, "memory_limit": f"{settings.memory_limit_mb}MB",
+              # Deterministic results do not need insertion order; dropping it saves memory.
+              "preserve_insertion_order": False}
+    if settings.spill_dir:
+        Path(settings.spill_dir).mkdir(parents=True, exist_ok=True)
+        config["temp_directory"] = settings.spill_dir
+    return duckdb.connect(config=config)
+
+
+def _scan(path: str) -> str:
+    # Paths are ours (scratch directory), but quote them properly anyway.
+    escaped = path.replace("'", "''")
+    return f"read_parquet('{escaped}', hive_partitioning = false)"
+
+
+def dedup(partition_glob: str, base_path: str, settings: KernelSettings) -> int:
+    """Keep each (user, item) pair once, with its earliest timestamp; write the result to
+    `base_path` and return its row count. Only the three key columns survive."""
+    con = connect(settings)
+    try:
+        (rows,) = con.execute(
+            f"COPY (SELECT user_id, item_id, min(timestamp) AS timestamp "
+            f"FROM {_scan(partition_glob)} GROUP BY user_id, item_id) "
+            f"TO '{base_path}' (FORMAT parquet)").fetchone()
+        return int(rows)
+    finally:
+        con.close()
+
+
+def item_counts(base_path: str, keep_items: pa.Table | None, min_user: int,
+                settings: KernelSettings) -> pa.Table:
+    """Item counts of the partition's current k-core state: rows of `keep_items` only
+    (all rows when None), then users with at least `min_user` of those rows.
+
+    The state is recomputed from the deduplicated base each round instead of being
+    rewritten: item removals only shrink user counts, so "filter items, then drop small
+    users" from the base gives the same rows as applying every earlier round in turn."""
+    con = connect(settings)
+    try:
+        return con.sql(
+            f"WITH s AS ({_state_rows(base_path, keep_items, con)}), "
+            "u AS (SELECT user_id FROM s GROUP BY user_id HAVING count(*) >= $min_user) "
+            "SELECT item_id, count(*)::BIGINT AS count FROM s SEMI JOIN u USING (user_id) "
+            "GROUP BY item_id", params={"min_user": min_user}).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _state_rows(base_path: str, keep_items: pa.Table | None,
+                con: duckdb.DuckDBPyConnection) -> str:
+    if keep_items is None:
+        return f"SELECT user_id, item_id, timestamp FROM {_scan(base_path)}"
+    con.register("keep_items", keep_items)
+    return (f"SELECT user_id, item_id, timestamp FROM {_scan(base_path)} "
+            "SEMI JOIN keep_items USING (item_id)")
+
+
+@dataclass(frozen=True)
+class SequenceCounts:
+    users: int
+    interactions: int
+    kcore_rows: int
+
+
+def sequences(base_path: str, vocab: pa.Table, min_user: int, keep_last: int,
+              out_path: str, user_type: pa.DataType, settings: KernelSettings) -> SequenceCounts:
+    """Write one row per k-core user: the last `keep_last` items in (timestamp, item_id)
+    order as item indices, with their timestamps.
+
+    `vocab` (item_id, item_index) is the final k-core's item set, so joining with it is
+    the last item filter; users below `min_user` are then dropped."""
+    con = connect(settings)
+    try:
+        con.register("vocab", vocab)
+        # Newest first, cut to keep_last, then reversed back to time order: the cut keeps
+        # the most recent interactions, ties broken by item id in both directions.
+        result = con.sql(
+            f"WITH s AS (SELECT b.user_id, b.timestamp, b.item_id, v.item_index "
+            f"FROM {_scan(base_path)} b JOIN vocab v USING (item_id)), "
+            "g AS (SELECT user_id, count(*) AS n, "
+            "list({'i': item_index, 't': timestamp} ORDER BY timestamp DESC, item_id DESC)"
+            "[1:$keep_last] AS recent "
+            "FROM s GROUP BY user_id HAVING count(*) >= $min_user) "
+            "SELECT user_id, n, list_transform(list_reverse(recent), lambda x: x.i) AS item_index, "
+            "list_transform(list_reverse(recent), lambda x: x.t) AS timestamp "
+            "FROM g ORDER BY user_id",
+            params={"keep_last": keep_last, "min_user": min_user}).to_arrow_table()
+    finally:
+        con.close()
+    kcore_rows = int(pc.sum(result["n"]).as_py() or 0)
+    table = pa.table({
+        "user_id": result["user_id"].cast(user_type),
+        "item_index": result["item_index"].cast(pa.list_(pa.int32())),
+        "timestamp": result["timestamp"].cast(pa.list_(pa.int64())),
+    })
+    pq.write_table(table, out_path)
+    interactions = int(pc.sum(pc.list_value_length(table["item_index"])).as_py() or 0)
+    return SequenceCounts(users=table.num_rows, interactions=interactions, kcore_rows=kcore_rows)

@@ -1,0 +1,121 @@
+"""The streaming half of the prepare stage: a Ray Data sink that checks each block of the
+log and scatters its rows to user-hash partitions on disk.
+
+Why a sink and not a Ray shuffle: the exchange we need is "all rows of a user in one
+place", which a hash of user_id modulo P gives without any all-to-all shuffle. Each write
+task appends its rows to one Parquet file per partition (a row group per block), so its
+memory is one block, whatever the log's size. Rejected-row counts come back as the write
+tasks' return values, so nothing but counters reaches the driver.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from pipelines.logs import REJECT_REASONS, ColumnNames, LogSchema, normalize, reject_rows
+
+
+def partition_dir(root: str | Path, partition: int) -> Path:
+    return Path(root) / f"part-{partition:05d}"
+
+
+@dataclass
+class ScatterCounts:
+    """What one write task saw: input rows, rejected rows per reason, rows per partition."""
+
+    rows: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+    per_partition: list[int] = field(default_factory=list)
+
+    def add(self, other: "ScatterCounts") -> None:
+        self.rows += other.rows
+        for k, v in other.rejected.items():
+            self.rejected[k] += v
+        if not self.per_partition:
+            self.per_partition = [0] * len(other.per_partition)
+        self.per_partition = [a + b for a, b in zip(self.per_partition, other.per_partition)]
+
+
+def partition_of(user_ids: pa.ChunkedArray | pa.Array, num_partitions: int) -> np.ndarray:
+    """Partition number of each user id: DuckDB's hash, the same for a given id in every
+    task and on every node (same DuckDB version)."""
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        ids = pa.table({"u": user_ids})
+        con.register("ids", ids)
+        parts = con.sql(f"SELECT (hash(u) % {num_partitions})::INTEGER AS p FROM ids").to_arrow_table()
+    finally:
+        con.close()
+    return parts["p"].to_numpy()
+
+
+class ScatterByUserSink(Datasink[ScatterCounts]):
+    """Validate, reject null rows, and write rows to `root/part-XXXXX/` by user hash."""
+
+    def __init__(self, root: str, names: ColumnNames, schema: LogSchema,
+                 min_rating: float | None, num_partitions: int):
+        self.root = root
+        self.names = names
+        self.schema = schema
+        self.min_rating = min_rating
+        self.num_partitions = num_partitions
+        self.total: ScatterCounts | None = None
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        for p in range(self.num_partitions):
+            partition_dir(self.root, p).mkdir(parents=True, exist_ok=True)
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> ScatterCounts:
+        counts = ScatterCounts(per_partition=[0] * self.num_partitions)
+        writers: dict[int, pq.ParquetWriter] = {}
+        # A retried task writes under a fresh name; the failed attempt's files are
+        # removed with the scratch directory when the job fails.
+        name = f"w{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        try:
+            for block in blocks:
+                table = BlockAccessor.for_block(block).to_arrow()
+                counts.rows += table.num_rows
+                kept, rejected = reject_rows(normalize(table, self.names, self.schema),
+                                             self.min_rating)
+                for k, v in rejected.items():
+                    counts.rejected[k] += v
+                kept = kept.select(["user_id", "item_id", "timestamp"])
+                self._scatter(kept, writers, name, counts)
+        finally:
+            for w in writers.values():
+                w.close()
+        return counts
+
+    def _scatter(self, table: pa.Table, writers: dict[int, pq.ParquetWriter], name: str,
+                 counts: ScatterCounts) -> None:
+        if table.num_rows == 0:
+            return
+        parts = partition_of(table["user_id"], self.num_partitions)
+        order = np.argsort(parts, kind="stable")
+        table = table.take(pa.array(order))
+        sizes = np.bincount(parts, minlength=self.num_partitions)
+        start = 0
+        for p, size in enumerate(sizes.tolist()):
+            if size == 0:
+                continue
+            piece = table.slice(start, size)
+            start += size
+            if p not in writers:
+                writers[p] = pq.ParquetWriter(str(partition_dir(self.root, p) / name), piece.schema)
+            writers[p].write_table(piece)
+            counts.per_partition[p] += size
+
+    def on_write_complete(self, write_result: WriteResult[ScatterCounts]) -> None:
+        total = ScatterCounts(per_partition=[0] * self.num_partitions)
+        for one in write_result.write_returns:
+            total.add(one)
+        self.total = total
