@@ -1,0 +1,76 @@
+"""The item vocabulary as serving and scoring need it: index <-> original id, popularity.
+
+Models speak item indices (1..N, 0 = padding); users of the recommender speak the
+original item ids of the logs. Original ids may be integers or strings; lookups key on
+`str(id)` so that a JSON client may send 42 or "42" for the same item, while answers
+always carry the id with its original type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.prepared import load_item_vocab
+
+
+@dataclass
+class ItemCatalog:
+    """item_ids[i - 1] is the original id of item index i; counts[i] its interaction
+    count in the prepared data (counts[0] = 0 for padding)."""
+
+    item_ids: pa.Array
+    counts: np.ndarray
+    _index_of: dict[str, int] | None = field(default=None, repr=False)
+    _by_popularity: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_prepared(cls, path: str | Path) -> "ItemCatalog":
+        vocab = load_item_vocab(path)
+        indices = vocab.column("item_index").to_numpy()
+        expected = np.arange(1, len(vocab) + 1)
+        if not np.array_equal(indices, expected):
+            raise ValueError(
+                f"{path}: item_index must run 1..{len(vocab)} without gaps; the item "
+                "vocabulary does not match the prepare stage's layout")
+        counts = np.concatenate([[0], vocab.column("count").to_numpy()]).astype(np.int64)
+        return cls(vocab.column("item_id").combine_chunks(), counts)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    def ids_of(self, indices: np.ndarray) -> pa.Array:
+        """Original ids of item indices (each in 1..N)."""
+        return self.item_ids.take(pa.array(np.asarray(indices, dtype=np.int64) - 1))
+
+    def index_of(self, item_ids: Sequence[Any]) -> tuple[list[int], list[Any]]:
+        """(indices of the known ids in order, the unknown ids in order)."""
+        if self._index_of is None:
+            self._index_of = {str(v): i + 1 for i, v in enumerate(self.item_ids.to_pylist())}
+        known, unknown = [], []
+        for item in item_ids:
+            index = self._index_of.get(str(item))
+            if index is None:
+                unknown.append(item)
+            else:
+                known.append(index)
+        return known, unknown
+
+    def most_popular(self, k: int, exclude: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, counts) of the k most interacted-with items, most popular first
+        (ties: lower index first), leaving out `exclude`. May return fewer than k."""
+        if self._by_popularity is None:
+            # Stable sort on -count keeps ties in index order; drop padding (index 0).
+            order = np.argsort(-self.counts[1:], kind="stable") + 1
+            self._by_popularity = order
+        order = self._by_popularity
+        if len(exclude):
+            # Excluding h items pushes the answer at most h places down: never scan all N.
+            order = order[: k + len(exclude)]
+            order = order[~np.isin(order, np.asarray(exclude))]
+        top = order[:k]
+        return top, self.counts[top]

@@ -1,0 +1,55 @@
+"""Histories of item indices -> top-k item indices with a trained recommender.
+
+The one path that online serving, offline scoring, the int8 parity check and the serving
+benchmark all call, so they cannot drift apart: the user vector is the model's own
+`project(last_position(hidden))` and it is ranked against the model's frozen item table
+with the chunked top-k (never a users x items matrix beyond one chunk).
+
+Histories may be longer than the model's `max_len`: the model sees the most recent
+`max_len` items, while `exclude_seen` removes every item of the whole history.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from slmrec.model import SeqRecommender
+from slmrec.topk import chunked_topk
+
+
+def pad_histories(histories: Sequence[Sequence[int]], max_len: int | None = None) -> torch.Tensor:
+    """Right-padded LongTensor [B, L] of each history's most recent `max_len` items
+    (all of them when max_len is None). Empty histories are refused: the model has no
+    position to read a user vector from, so callers must fall back before this."""
+    rows = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
+    empty = [i for i, row in enumerate(rows) if row.size == 0]
+    if empty:
+        raise ValueError(f"histories {empty[:5]} are empty; a user vector needs at least one item")
+    if max_len is not None:
+        rows = [row[-max_len:] for row in rows]
+    width = max((row.size for row in rows), default=0)
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, : row.size] = row
+    return torch.from_numpy(out)
+
+
+@torch.inference_mode()
+def user_vectors(model: SeqRecommender, items: torch.Tensor) -> torch.Tensor:
+    """[B, item_dim] user vectors in item space from right-padded item indices [B, L]."""
+    out = model(items)
+    return model.project(model.last_position(out.hidden, out.mask)).float()
+
+
+@torch.inference_mode()
+def recommend(model: SeqRecommender, histories: Sequence[Sequence[int]], k: int,
+              exclude_seen: bool = True, chunk_size: int = 65536
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (scores [B, k], item indices [B, k]) for each history; empty slots (fewer
+    than k items left after exclusion) hold index -1 and score -inf."""
+    items = pad_histories(histories, model.config.max_len)
+    seen = pad_histories(histories) if exclude_seen else None
+    return chunked_topk(user_vectors(model, items), model.item_table, k, seen, exclude_seen,
+                        chunk_size)
