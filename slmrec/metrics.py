@@ -96,8 +96,8 @@ def full_ranking_ranks(
 
     Equals `ranks_from_scores(user_repr @ item_table.T, ...)` whenever both paths compute
     bit-identical scores (always when scores are exactly representable; with general
-    floats the target's score here comes from a row-wise dot product, so an exact tie
-    may differ by one rounding step from the full matrix product).
+    floats the target's score here comes from a row-wise dot product, so a near-tie may
+    resolve differently by a rounding step, more so under TF32/bf16 matmuls on GPUs).
     """
     if user_repr.dim() != 2 or item_table.dim() != 2 or user_repr.shape[1] != item_table.shape[1]:
         raise ValueError(
@@ -145,9 +145,9 @@ def full_ranking_ranks(
 def _forbidden_items(history: Tensor | Sequence, row: int, target: int) -> Tensor:
     """Item indices row `row` may not sample: its history (padding 0 dropped) and target."""
     if isinstance(history, Tensor) and history.dtype == torch.bool:
-        items = history[row].nonzero().squeeze(1)
+        items = history[row].nonzero().squeeze(1).cpu()
     else:
-        items = torch.as_tensor(history[row], dtype=torch.long).reshape(-1)
+        items = torch.as_tensor(history[row], dtype=torch.long).reshape(-1).cpu()
     items = torch.cat([items[items > 0], torch.tensor([target], dtype=torch.long)])
     return torch.unique(items)
 
@@ -195,6 +195,7 @@ def sample_negatives(
     `user_ids` one torch.Generator runs through the rows in order (same inputs in the same
     order -> same negatives); with `user_ids` [B] each row's generator is seeded from
     (seed, user id), so a user's negatives do not depend on batching or sharding.
+    Sampling runs on the CPU; the returned tensors are CPU tensors.
     """
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
@@ -203,6 +204,8 @@ def sample_negatives(
         raise ValueError(f"history has {len(history)} rows but targets has {targets.shape[0]}")
     if user_ids is not None and user_ids.shape != targets.shape:
         raise ValueError(f"user_ids must be [B] like targets, got {tuple(user_ids.shape)}")
+    targets = targets.cpu()
+    user_ids = None if user_ids is None else user_ids.cpu()
     batch = targets.shape[0]
     items = torch.zeros(batch, num_negatives, dtype=torch.long)
     valid = torch.zeros(batch, num_negatives, dtype=torch.bool)
@@ -229,8 +232,8 @@ def sampled_ranks(
     """0-based rank of each target among itself + sampled negatives (see `sample_negatives`).
 
     scores: either a full score matrix [B, N+1], or a callable taking candidate items
-    [B, 1+K] (column 0 = the target, then the negatives; padding slots hold item 0) and
-    returning their scores [B, 1+K]; with a callable, `num_items` is required. If a row
+    [B, 1+K] on the CPU (column 0 = the target, then the negatives; padding slots hold
+    item 0, and their scores are ignored) and returning their scores [B, 1+K]; with a callable, `num_items` is required. If a row
     has fewer than `num_negatives` items available it is ranked among all of them, so its
     rank is bounded by that smaller number. Ties are pessimistic.
     """
@@ -283,7 +286,7 @@ def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[st
     return sums.result()
 
 
-@dataclass
+@dataclass(eq=False)
 class MetricSums:
     """Running sums of per-user metric values, so evaluation can stream over batches and
     workers: `add` per batch, then `merge` objects or all-reduce `as_tensor()` (a flat
