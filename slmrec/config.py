@@ -4,6 +4,10 @@ Precedence, lowest first: the dataclass defaults, a YAML file (`--config FILE`),
 command-line flags. Every field becomes a flag named after it (`min_user_interactions`
 -> `--min-user-interactions`); its help text is the field's `metadata["help"]`, so
 `--help` documents every setting in one place.
+
+A field whose type is itself a dataclass is a group (e.g. `backbone: BackboneConfig`):
+its fields become flags without a prefix, except a field called `name`, which takes the
+group's own flag (`backbone.name` -> `--backbone`). In YAML a group is a nested mapping.
 """
 from __future__ import annotations
 
@@ -42,73 +46,139 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, tp: Any) -> None:
+def _is_group(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _group_defaults(f: dataclasses.Field) -> dict[str, Any]:
+    """A group's defaults as set by its parent (e.g. a teacher's 8 layers), if any."""
+    default = _default(f)
+    return dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+
+
+def _leaves(cls: type, prefix: tuple[str, ...] = (), group_flag: str | None = None,
+            overrides: dict[str, Any] | None = None):
+    """(path, field, type, flag, default) for every non-group field, groups flattened."""
+    hints = typing.get_type_hints(cls)
+    overrides = overrides or {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_group(tp):
+            yield from _leaves(tp, prefix + (f.name,), f.name, _group_defaults(f))
+        else:
+            name = group_flag if (f.name == "name" and group_flag) else f.name
+            default = overrides.get(f.name, _default(f))
+            yield prefix + (f.name,), f, tp, flag_name(name), default
+
+
+def _add_flag(parser: argparse.ArgumentParser, path: tuple[str, ...], f: dataclasses.Field, tp: Any,
+              flag: str, default: Any) -> None:
     tp, optional = _unwrap_optional(tp)
     help_text = f.metadata.get("help", "")
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    shown = f" (default: {default})" if not required else " (required)"
-    kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text + shown}
+    shown = " (required)" if _required(f) else f" (default: {default})"
+    kwargs: dict[str, Any] = {"dest": ".".join(path), "default": argparse.SUPPRESS, "help": help_text + shown}
+    if tp is not bool and typing.get_origin(tp) is not Literal:
+        kwargs["metavar"] = flag[2:].upper().replace("-", "_")
     origin = typing.get_origin(tp)
     if tp is bool:
-        parser.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        return
-    if origin is Literal:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif origin is Literal:
         choices = list(typing.get_args(tp))
-        parser.add_argument(flag_name(f.name), type=type(choices[0]), choices=choices, **kwargs)
-        return
-    if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        (item_tp, *_) = typing.get_args(tp) or (str,)
-        item_tp, _ = _unwrap_optional(item_tp)
-        parser.add_argument(flag_name(f.name), type=item_tp, nargs="*" if optional else "+", **kwargs)
-        return
-    if tp in (int, float, str):
-        parser.add_argument(flag_name(f.name), type=tp, **kwargs)
-        return
-    if origin is dict or tp is dict:
-        parser.add_argument(flag_name(f.name), type=json.loads, **kwargs)
-        return
-    raise TypeError(f"config field {f.name!r}: unsupported type {tp!r}")
+        parser.add_argument(flag, type=type(choices[0]), choices=choices, **kwargs)
+    elif origin in (list, tuple) or tp in (list, tuple):
+        item_tp = (typing.get_args(tp) or (str,))[0]
+        parser.add_argument(flag, type=_unwrap_optional(item_tp)[0], nargs="*" if optional else "+", **kwargs)
+    elif tp in (int, float, str):
+        parser.add_argument(flag, type=tp, **kwargs)
+    elif origin is dict or tp is dict:
+        parser.add_argument(flag, type=json.loads, **kwargs)
+    else:
+        raise TypeError(f"config field {'.'.join(path)!r}: unsupported type {tp!r}")
 
 
 def build_parser(cls: type, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of settings (field names as keys); flags override it")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        _add_flag(parser, f, hints[f.name])
+    seen: dict[str, str] = {}
+    for path, f, tp, flag, default in _leaves(cls):
+        if flag in seen:
+            raise TypeError(f"{cls.__name__}: flag {flag} is defined by both {seen[flag]} and {'.'.join(path)}")
+        seen[flag] = ".".join(path)
+        _add_flag(parser, path, f, tp, flag, default)
     return parser
 
 
-def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(names)}")
+def _coerce_value(tp: Any, value: Any) -> Any:
+    tp, _ = _unwrap_optional(tp)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], source: str) -> Any:
+    """Instantiate `cls` from a nested mapping, naming unknown or missing settings."""
     hints = typing.get_type_hints(cls)
-    out = {}
-    for key, value in values.items():
-        tp, _ = _unwrap_optional(hints[key])
-        if typing.get_origin(tp) is tuple and isinstance(value, list):
-            value = tuple(value)
-        if tp is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[key] = value
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        if _is_group(tp):
+            sub = values.get(name, {})
+            if dataclasses.is_dataclass(sub):
+                sub = dataclasses.asdict(sub)
+            if not isinstance(sub, dict):
+                raise ValueError(f"{source}: {name!r} must be a mapping of settings, got {type(sub).__name__}")
+            kwargs[name] = _build(tp, {**_group_defaults(f), **sub}, source)
+        elif name in values:
+            kwargs[name] = _coerce_value(tp, values[name])
+    missing = [flag for path, f, _, flag, _ in _leaves(cls)
+               if len(path) == 1 and _required(f) and path[0] not in kwargs]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def load_yaml(cls: type[T], path: Path) -> dict[str, Any]:
+def load_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as e:
         raise ValueError(f"config file {path}: cannot read ({e.strerror})") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path}: invalid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
-    return _coerce(cls, data, f"config file {path}")
+    return data
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build a config from a (nested) mapping, e.g. one saved with `to_dict`."""
+    return _build(cls, values, source)
 
 
 def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None,
@@ -118,20 +188,18 @@ def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = No
     parser = build_parser(cls, description, epilog)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config")
-    values: dict[str, Any] = {}
+    flags: dict[str, Any] = {}
+    for dotted, value in args.items():
+        node = flags
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
     try:
-        if config_path is not None:
-            values.update(load_yaml(cls, config_path))
-        values.update(_coerce(cls, args, "command line"))
-        missing = [flag_name(f.name) for f in dataclasses.fields(cls)
-                   if f.name not in values and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ValueError(f"missing required setting(s): {', '.join(missing)}")
-        config = cls(**values)
+        values = load_yaml(config_path) if config_path is not None else {}
+        return _build(cls, _merge(values, flags), f"config file {config_path}" if config_path else "command line")
     except (TypeError, ValueError) as e:
         parser.error(str(e))
-    return config
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -139,4 +207,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False))

@@ -33,3 +33,11 @@ def ray_session():
     init_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """A tiny prepared dataset shared (read-only) by the training-stage tests."""
+    from tests.prepared_data import write_prepared
+
+    return write_prepared(tmp_path_factory.mktemp("prepared") / "tiny")

@@ -39,7 +39,9 @@ def init_local_ray(num_cpus: int | None = 2) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": dict(DEFAULT_ENV)})
+        # Under `ray job submit` the job's own runtime_env (working_dir, env_vars) applies;
+        # passing another here would override it.
+        ray.init()
         return
     # Workers import slmrec/pipelines/jobs from the repository root.
     ray.init(num_cpus=num_cpus, include_dashboard=False,

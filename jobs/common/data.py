@@ -1,0 +1,62 @@
+"""Training and evaluation datasets from the prepare stage's output, on Ray Data.
+
+Each split is a lazy Ray Dataset of fixed-shape int64 arrays (see slmrec.batching), so
+workers stream them with `iter_torch_batches`; nothing is collected on the driver.
+Users too short for the leave-one-out split (fewer than 3 items, possible only when
+prepare ran with --min-user-interactions below 3) are dropped here and counted.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pipelines.prepared import read_stats, sequences_dataset
+from slmrec.batching import MIN_SEQUENCE_LENGTH, to_arrays
+
+
+def user_seed(user_id) -> int:
+    """A stable 63-bit integer per user (seeds that user's sampled negatives, whatever the
+    batching or number of workers)."""
+    digest = hashlib.blake2b(str(user_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _arrays_fn(split: Literal["train", "valid", "test"], max_len: int):
+    def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = to_arrays(batch["item_index"], split, max_len)
+        if split != "train":
+            out["user_seed"] = np.array([user_seed(u) for u in batch["user_id"]], dtype=np.int64)
+        return out
+    return fn
+
+
+@dataclass
+class Splits:
+    train: "ray.data.Dataset"
+    valid: "ray.data.Dataset"
+    test: "ray.data.Dataset"
+    users: int
+    too_short: int
+    num_items: int
+
+    def as_dict(self) -> dict[str, "ray.data.Dataset"]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}
+
+
+def load_splits(prepared: str, max_len: int) -> Splits:
+    import ray.data
+
+    # Training prints its own progress lines; Ray Data's bars would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    stats = read_stats(prepared)
+    sequences = sequences_dataset(prepared)
+    long_enough = sequences.filter(lambda row: len(row["item_index"]) >= MIN_SEQUENCE_LENGTH)
+    users = int(stats["users"])
+    # One row per user: counting is cheap and makes any drop visible.
+    kept = long_enough.count()
+    splits = {name: long_enough.map_batches(_arrays_fn(name, max_len), batch_format="numpy")
+              for name in ("train", "valid", "test")}
+    return Splits(users=users, too_short=users - kept, num_items=int(stats["items"]), **splits)

@@ -1,0 +1,75 @@
+"""DeepSpeed inside Ray Train workers: config resolution and engine set-up.
+
+The ZeRO stage and everything else DeepSpeed-specific live in a JSON file under
+cluster/deepspeed/ (chosen with --deepspeed-config); this module only fills the values
+that depend on the run (batch sizes, world size, bf16 on GPUs) and starts the engine
+on the process group Ray Train already created.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DS_CONFIG = ROOT / "cluster" / "deepspeed" / "zero0.json"
+
+
+def load_ds_config(path: str | Path | None) -> dict[str, Any]:
+    path = Path(path) if path else DEFAULT_DS_CONFIG
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"DeepSpeed config {path}: cannot read ({e.strerror})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path}: invalid JSON ({e})") from e
+
+
+def resolve_ds_config(base: dict[str, Any], micro_batch: int, grad_accum: int, world_size: int,
+                      use_gpu: bool) -> dict[str, Any]:
+    """Fill the run-dependent fields; explicit values in the file win over ours except
+    batch sizes, which must agree with the data loader."""
+    cfg = json.loads(json.dumps(base))
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch * grad_accum * world_size
+    bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = bool(use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # CPU workers use torch's AdamW (our client optimizer): DeepSpeed's fused/CPU Adam
+    # need a 1.5-4 min compile per worker.
+    cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def prepare_cpu_backend() -> None:
+    """On CPU, DeepSpeed compiles a shared-memory allreduce op inside init_distributed
+    (1-2 min per worker); gloo works without it. The module object must be patched via
+    importlib: `import deepspeed.comm.torch as m` resolves to the torch package."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+
+
+def init_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, ds_config: dict[str, Any]):
+    """Start DeepSpeed on the existing process group; returns the engine."""
+    prepare_cpu_backend()
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine

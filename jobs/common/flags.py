@@ -1,0 +1,51 @@
+"""Settings shared by the training jobs, as dataclass mixins: a job's config class
+inherits the groups it needs, and `slmrec.config.parse_config` turns every field into
+a documented flag."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from slmrec.config import field
+
+
+@dataclass(kw_only=True)
+class DataFlags:
+    data: str = field(help="prepared data directory (output of jobs/prepare.py)")
+    output: str = field(help="output directory of this stage (model, metrics, report)")
+    max_len: int = field(50, help="most recent items of a history fed to the model")
+
+
+@dataclass(kw_only=True)
+class TrainFlags:
+    epochs: int = field(3, help="training epochs")
+    batch_size: int = field(64, help="micro-batch of user sequences per worker and step")
+    grad_accum: int = field(1, help="gradient accumulation steps (effective batch = batch x accum x workers)")
+    lr: float = field(1e-3, help="peak learning rate (AdamW)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    warmup_steps: int = field(100, help="linear warm-up steps before cosine decay (lr 1e-3 diverges without)")
+    num_workers: int = field(1, help="Ray Train workers (processes); each runs one DeepSpeed rank")
+    cpus_per_worker: float = field(1.0, help="CPUs reserved per worker (leave some for Ray Data)")
+    use_gpu: bool = field(False, help="one GPU per worker; bf16 when the DeepSpeed config says auto")
+    deepspeed_config: str = field("cluster/deepspeed/zero0.json",
+                                  help="DeepSpeed JSON (ZeRO stage, clipping, bf16); batch sizes are filled in")
+    seed: int = field(0, help="random seed (model init, shuffling, sampled negatives)")
+    run_name: Optional[str] = field(None, help="Ray Train run name; rerunning with the same name resumes "
+                                              "(default: derived from --output)")
+    storage_path: Optional[str] = field(None, help="where Ray Train keeps checkpoints; shared storage "
+                                                  "(NFS, s3://, gs://) on multi-node clusters (default: OUTPUT/ray)")
+    max_failures: int = field(0, help="worker failures tolerated; training resumes from the last checkpoint")
+    checkpoint_every_steps: int = field(0, help="also checkpoint every N steps (0: once per epoch)")
+    eval_batch_size: int = field(256, help="users per evaluation batch")
+    mask_history: bool = field(False, help="exclude each user's history items from full ranking "
+                                           "(the generative-recommenders protocol does not)")
+    sampled_negatives: int = field(999, help="negatives of the sampled protocol (target + N uniform non-history)")
+    log_every: int = field(20, help="progress line every N steps")
+
+
+@dataclass(kw_only=True)
+class ItemTableFlags:
+    item_table: Optional[str] = field(None, help="frozen item table: a jobs/pretrain_items.py output directory "
+                                                 "(default: train it first, under OUTPUT/items)")
+    item_dim: int = field(128, help="item embedding width (SASRec stage 0)")
+    item_epochs: int = field(20, help="SASRec epochs when the item table is trained first")

@@ -1,0 +1,293 @@
+"""The Ray Train worker loop shared by every training stage (SASRec, teacher, student).
+
+Each worker builds its task (model + loss) from a picklable builder, wraps the trained
+module in a DeepSpeed engine, reads its shard of the training data from Ray Data, and
+every epoch evaluates on the validation users, keeps the best model (by validation
+NDCG@10) under `output_dir/best`, and reports a resumable checkpoint to Ray Train.
+After the last epoch the best model is evaluated on the test users.
+
+Validation and test sets are not split by Ray Train: every worker iterates the whole
+(small) set and scores every world_size-th batch, then the metric sums are
+all-reduced, so each user counts exactly once whatever the number of workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_state_from_tensors,
+                               optimizer_state_to_tensors, save_checkpoint)
+from slmrec.evaluation import EvalProtocol, evaluate_batches
+from slmrec.metrics import MetricSums
+from slmrec.schedule import warmup_cosine
+from slmrec.tasks import Task
+
+BEST_METRIC = "NDCG@10"
+
+
+@dataclass
+class TrainSpec:
+    """Everything the worker loop needs besides the task; plain data so Ray can ship it."""
+
+    output_dir: str
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    micro_batch: int = 64
+    grad_accum: int = 1
+    train_rows: int = 0  # rows of the training dataset, for the schedule and the ETA
+    ds_config: dict = field(default_factory=dict)
+    eval_batch: int = 256
+    protocols: tuple = ("full",)  # evaluated each epoch on validation; all at test time
+    sampled_negatives: int = 999
+    mask_history: bool = False
+    seed: int = 0
+    log_every: int = 20
+    shuffle_buffer: int = 2048
+    checkpoint_every_steps: int = 0  # 0: once per epoch
+    stop_after_steps: int = 0  # >0: stop (as if killed) after this many steps; for tests
+    report_intermediate: bool = True
+
+
+def _rank_world() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _evaluate(task: Task, split: str, spec: TrainSpec, protocol: EvalProtocol, rank: int, world: int) -> dict[str, float]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(split)
+    batches = (b for i, b in enumerate(shard.iter_torch_batches(batch_size=spec.eval_batch, dtypes=torch.long,
+                                                                device=_device()))
+               if i % world == rank)
+    task.model.eval()
+    with torch.no_grad():
+        sums = evaluate_batches(task, batches, protocol)
+    task.model.train()
+    total = MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor()))
+    return total.result()
+
+
+@contextlib.contextmanager
+def _full_params(engine, zero: int, modify: bool = False):
+    """Under ZeRO-3 parameters are partitioned across workers; gather them for reading
+    (or writing, with `modify`) whole tensors. A no-op for lower stages."""
+    if zero < 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0 if modify else None):
+        yield
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in trainable}
+
+
+def _save_resume_checkpoint(directory: str, engine, optimizer, state: dict[str, Any],
+                            best_weights: dict[str, torch.Tensor], zero: int) -> None:
+    with _full_params(engine, zero):
+        tensors = {f"model.{k}": v for k, v in _trainable_state(engine.module).items()}
+    tensors.update({f"best.{k}": v for k, v in best_weights.items()})
+    meta: dict[str, Any] = {"state": state, "optimizer": None}
+    if zero == 0:
+        # With ZeRO-0 the client AdamW holds full moments; higher stages shard them and
+        # their state restarts from zero on resume (the weights and schedule do resume).
+        opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+        tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
+        meta["optimizer"] = opt_meta
+    save_checkpoint(directory, tensors, meta)
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _restore(directory: str, engine, optimizer, zero: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load weights, optimizer moments (ZeRO-0) and loop state; returns (state, best weights)."""
+    tensors, meta = load_checkpoint(directory)
+    model_state = _with_prefix(tensors, "model.")
+    with _full_params(engine, zero, modify=True):
+        missing = set(_trainable_state(engine.module)) - set(model_state)
+        if missing:
+            raise ValueError(f"checkpoint {directory} lacks trained weights {sorted(missing)[:5]}")
+        engine.module.load_state_dict(model_state, strict=False)
+    if zero == 0 and meta.get("optimizer") is not None:
+        optimizer.load_state_dict(optimizer_state_from_tensors(_with_prefix(tensors, "optim."), meta["optimizer"]))
+    return meta["state"], _with_prefix(tensors, "best.")
+
+
+def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
+            best_weights: dict[str, torch.Tensor], engine, optimizer, zero: int, rank: int) -> None:
+    """Report metrics; with a state, also a resumable checkpoint (written by rank 0 only)."""
+    import ray.train
+
+    if checkpoint_state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _save_resume_checkpoint(os.path.join(tmp, "ckpt"), engine, optimizer, checkpoint_state,
+                                    best_weights, zero)
+            checkpoint = ray.train.Checkpoint.from_directory(os.path.join(tmp, "ckpt"))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _Progress:
+    """One line every `every` steps: epoch, step, loss terms, throughput and ETA. Plain
+    lines rather than a redrawn bar: worker output reaches the driver as log lines."""
+
+    def __init__(self, total_steps: int, every: int, rank: int):
+        self.total, self.every, self.rank = total_steps, every, rank
+        self.start = time.time()
+        self.done = 0
+
+    def step(self, epoch: int, step: int, samples: int, terms: dict[str, float]) -> None:
+        self.done += 1
+        if self.rank != 0 or (step % self.every and self.done != self.total):
+            return
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * max(0, self.total - self.done)
+        loss = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
+        print(f"[train] epoch {epoch + 1} step {step}/{self.total} {loss} "
+              f"{samples / max(elapsed, 1e-9):.1f} samples/s ETA {eta / 60:.1f} min", flush=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` = {"spec": TrainSpec, "build_task": callable,
+    "task_args": dict}."""
+    import ray.train
+
+    from jobs.common.deepspeed_engine import init_engine, zero_stage
+
+    spec: TrainSpec = config["spec"]
+    build_task: Callable[[dict], Task] = config["build_task"]
+    rank, world = _rank_world()
+    torch.manual_seed(spec.seed)
+    task = build_task(config["task_args"])
+    device = _device()
+    task.model.to(device)
+
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    rows_per_worker = max(1, spec.train_rows // world)
+    steps_per_epoch = max(1, rows_per_worker // (spec.micro_batch * spec.grad_accum))
+    total_steps = steps_per_epoch * spec.epochs
+    scheduler = warmup_cosine(optimizer, min(spec.warmup_steps, total_steps // 2), total_steps)
+    engine = init_engine(task.model, optimizer, scheduler, spec.ds_config)
+    zero = zero_stage(spec.ds_config)
+    # The engine may re-wrap the module (ZeRO-3 partitions it); the task must use it.
+    task.model = engine.module
+
+    state = {"epoch": 0, "global_step": 0, "best": -1.0, "best_epoch": -1, "history": []}
+    best_weights: dict[str, torch.Tensor] = {}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state, best_weights = _restore(d, engine, optimizer, zero)
+        for _ in range(state["global_step"]):
+            scheduler.step()
+        if rank == 0:
+            print(f"[train] resumed at epoch {state['epoch']} step {state['global_step']}", flush=True)
+
+    out = Path(spec.output_dir)
+    shard = ray.train.get_dataset_shard("train")
+    progress = _Progress(steps_per_epoch * (spec.epochs - state["epoch"]), spec.log_every, rank)
+    samples = 0
+    for epoch in range(state["epoch"], spec.epochs):
+        epoch_start = time.time()
+        engine.train()
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for step, batch in enumerate(shard.iter_torch_batches(
+                batch_size=spec.micro_batch, dtypes=torch.long, device=device, drop_last=True,
+                local_shuffle_buffer_size=spec.shuffle_buffer, local_shuffle_seed=spec.seed + epoch), start=1):
+            terms = task.loss(batch)
+            engine.backward(terms.total)
+            engine.step()
+            state["global_step"] += 1
+            n_steps += 1
+            logged = terms.as_dict()
+            for k, v in logged.items():
+                sums[k] = sums.get(k, 0.0) + v
+            samples += batch["items"].shape[0] * world
+            progress.step(epoch, step, samples, logged)
+            if spec.stop_after_steps and state["global_step"] >= spec.stop_after_steps:
+                raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
+            if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
+                _report({"epoch": epoch, "step": state["global_step"]}, dict(state, epoch=epoch),
+                        best_weights, engine, optimizer, zero, rank)
+        if n_steps == 0:
+            raise ValueError(f"worker {rank}: no training batch of {spec.micro_batch} rows in epoch {epoch + 1}; "
+                             "lower --batch-size or add data")
+        train_terms = {f"train/{k}": v / n_steps for k, v in sums.items()}
+        epoch_seconds = time.time() - epoch_start
+        valid = _evaluate(task, "valid", spec, EvalProtocol(kind=spec.protocols[0], mask_history=spec.mask_history,
+                                                           num_negatives=spec.sampled_negatives, seed=spec.seed),
+                          rank, world)
+        record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_terms,
+                  **{f"valid/{k}": v for k, v in valid.items()}}
+        state["history"].append(record)
+        if valid[BEST_METRIC] > state["best"]:
+            # Metrics are all-reduced, so every rank takes the same decision and keeps the
+            # same best weights for the final test.
+            state["best"], state["best_epoch"] = valid[BEST_METRIC], epoch + 1
+            with _full_params(engine, zero):
+                best_weights = _trainable_state(engine.module)
+                if rank == 0:
+                    task.save(str(out / "best"))
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            atomic_write_json(out / "history.json", state["history"])
+            print(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s "
+                  f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
+                  f"at epoch {state['best_epoch']})", flush=True)
+        _report(record if spec.report_intermediate else {"epoch": epoch + 1}, state, best_weights,
+                engine, optimizer, zero, rank)
+
+    _final_test(task, spec, state, best_weights, engine, optimizer, zero, rank, world, out)
+
+
+def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights: dict[str, torch.Tensor],
+                engine, optimizer, zero: int, rank: int, world: int, out: Path) -> None:
+    """Evaluate the best model (by validation) on the test users under every protocol."""
+    with _full_params(engine, zero, modify=True):
+        engine.module.load_state_dict(best_weights, strict=False)
+    results: dict[str, float] = {}
+    for kind in ("full", "sampled"):
+        protocol = EvalProtocol(kind=kind, mask_history=spec.mask_history, num_negatives=spec.sampled_negatives,
+                                seed=spec.seed)
+        metrics = _evaluate(task, "test", spec, protocol, rank, world)
+        results.update({f"test_{protocol.label}/{k}": v for k, v in metrics.items()})
+    final = {"best_epoch": state["best_epoch"], f"best_valid/{BEST_METRIC}": state["best"], **results}
+    if rank == 0:
+        atomic_write_json(out / "metrics.json", {"final": final, "history": state["history"],
+                                                 "spec": {k: v for k, v in asdict(spec).items() if k != "ds_config"},
+                                                 "deepspeed": spec.ds_config})
+        print("[train] test " + json.dumps({k: round(v, 4) for k, v in results.items()}), flush=True)
+    _report({**final, "done": 1}, dict(state), best_weights, engine, optimizer, zero, rank)

@@ -1,0 +1,63 @@
+"""Launch the shared worker loop on Ray Train (TorchTrainer + DeepSpeed in the workers).
+
+Rerunning with the same run name and storage path resumes from the last checkpoint:
+Train V2 restores a run by (storage_path, name).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config
+from jobs.common.flags import TrainFlags
+from jobs.common.train_worker import TrainSpec, train_loop
+
+
+def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: Any) -> TrainSpec:
+    if train_rows // flags.num_workers < flags.batch_size:
+        raise ValueError(f"{train_rows} training users over {flags.num_workers} worker(s) cannot fill one "
+                         f"batch of --batch-size {flags.batch_size}; lower it or add data")
+    ds_config = resolve_ds_config(load_ds_config(flags.deepspeed_config), flags.batch_size, flags.grad_accum,
+                                  flags.num_workers, flags.use_gpu)
+    spec = TrainSpec(
+        output_dir=str(Path(output_dir).resolve()), epochs=flags.epochs, lr=flags.lr,
+        weight_decay=flags.weight_decay, warmup_steps=flags.warmup_steps, micro_batch=flags.batch_size,
+        grad_accum=flags.grad_accum, train_rows=train_rows, ds_config=ds_config,
+        eval_batch=flags.eval_batch_size, mask_history=flags.mask_history,
+        sampled_negatives=flags.sampled_negatives, seed=flags.seed, log_every=flags.log_every,
+        checkpoint_every_steps=flags.checkpoint_every_steps)
+    for key, value in overrides.items():
+        setattr(spec, key, value)
+    return spec
+
+
+def run_name_for(output_dir: str, explicit: str | None) -> str:
+    return explicit or Path(output_dir).resolve().name
+
+
+def fit(flags: TrainFlags, spec: TrainSpec, build_task: Callable[[dict], Any], task_args: dict,
+        datasets: dict, run_name: str):
+    """Run the training loop on `flags.num_workers` Ray Train workers; returns the Result."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = flags.storage_path or str(Path(spec.output_dir) / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+        os.makedirs(storage, exist_ok=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "build_task": build_task, "task_args": task_args},
+        scaling_config=ScalingConfig(num_workers=flags.num_workers, use_gpu=flags.use_gpu,
+                                     resources_per_worker={"CPU": flags.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if flags.use_gpu else "gloo"),
+        # Only training data is split; every worker scores its stride of the evaluation
+        # users so that none is dropped by an equal split.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=flags.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()

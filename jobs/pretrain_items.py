@@ -1,0 +1,103 @@
+"""Stage 0: train SASRec on the prepared sequences and export its item table, which the
+LLM stages (teacher and students) then use frozen, as input vocabulary and scoring table.
+
+Local run (starts a bounded local Ray):
+    python jobs/pretrain_items.py --data out/ml-1m --output runs/items --epochs 20
+On a cluster:
+    ray job submit --working-dir . -- python jobs/pretrain_items.py --data ... --output ...
+
+Writes OUTPUT/item_table/ (safetensors + JSON), OUTPUT/best/ (the SASRec model),
+OUTPUT/metrics.json, REPORT.md, report.json and training_curve.png. Rerunning the same
+command resumes from the last checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.common.flags import DataFlags, TrainFlags  # noqa: E402
+from slmrec.config import field, parse_config  # noqa: E402
+
+ITEM_TABLE_DIR = "item_table"
+
+
+@dataclass(kw_only=True)
+class PretrainItemsConfig(DataFlags, TrainFlags):
+    epochs: int = field(20, help="training epochs")
+    batch_size: int = field(128, help="micro-batch of user sequences per worker and step")
+    warmup_steps: int = field(20, help="linear warm-up steps before cosine decay")
+    item_dim: int = field(128, help="item embedding width (the frozen table's width)")
+    blocks: int = field(2, help="SASRec transformer blocks")
+    heads: int = field(1, help="SASRec attention heads")
+    dropout: float = field(0.5, help="SASRec dropout")
+
+
+def build_task(args: dict):
+    """Runs in each Ray Train worker."""
+    from slmrec.sasrec import SASRec
+    from slmrec.tasks import SASRecTask
+
+    return SASRecTask(SASRec(num_items=args["num_items"], dim=args["item_dim"], blocks=args["blocks"],
+                             heads=args["heads"], dropout=args["dropout"], max_len=args["max_len"]))
+
+
+def export_item_table(output: Path, num_items: int) -> Path:
+    """OUTPUT/best (SASRec) -> OUTPUT/item_table, the file later stages read."""
+    from slmrec.checkpoint import save_checkpoint
+    from slmrec.sasrec import SASRec
+
+    model = SASRec.load(output / "best")
+    table = model.item_table()
+    if table.shape[0] != num_items + 1:
+        raise ValueError(f"SASRec in {output / 'best'} has {table.shape[0] - 1} items, the data has {num_items}")
+    return save_checkpoint(output / ITEM_TABLE_DIR, {"item_table": table},
+                           {"format": "slmrec.ItemTable/1", "num_items": num_items, "item_dim": table.shape[1]})
+
+
+def load_item_table(path: str | Path, num_items: int):
+    """The frozen table from a pretrain_items output (or its item_table/ directory)."""
+    from slmrec.checkpoint import load_checkpoint
+
+    path = Path(path)
+    directory = path / ITEM_TABLE_DIR if (path / ITEM_TABLE_DIR).is_dir() else path
+    tensors, meta = load_checkpoint(directory)
+    if meta.get("format") != "slmrec.ItemTable/1" or "item_table" not in tensors:
+        raise ValueError(f"{directory}: not an item table written by jobs/pretrain_items.py")
+    if meta["num_items"] != num_items:
+        raise ValueError(f"item table {directory} covers {meta['num_items']} items but the prepared data has "
+                         f"{num_items}: it was trained on other data")
+    return tensors["item_table"]
+
+
+def run(config: PretrainItemsConfig) -> Path:
+    from jobs.common.data import load_splits
+    from jobs.common.ray_runtime import init_local_ray
+    from jobs.common.report import write_training_report
+    from jobs.common.trainer import fit, make_spec, run_name_for
+
+    init_local_ray()
+    output = Path(config.output).resolve()
+    splits = load_splits(config.data, config.max_len)
+    train_rows = splits.users - splits.too_short
+    print(f"[items] {splits.users} users ({splits.too_short} too short to split), {splits.num_items} items",
+          flush=True)
+    spec = make_spec(config, str(output), train_rows)
+    task_args = {"num_items": splits.num_items, "item_dim": config.item_dim, "blocks": config.blocks,
+                 "heads": config.heads, "dropout": config.dropout, "max_len": config.max_len}
+    fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
+    table_dir = export_item_table(output, splits.num_items)
+    write_training_report(output, "Stage 0: SASRec item table", mask_history=config.mask_history,
+                          sampled_negatives=config.sampled_negatives)
+    print(f"[items] item table -> {table_dir}; report -> {output / 'REPORT.md'}", flush=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(PretrainItemsConfig, __doc__, argv))
+
+
+if __name__ == "__main__":
+    main()

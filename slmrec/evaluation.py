@@ -1,0 +1,72 @@
+"""Evaluation protocols over batches of (history, target) users.
+
+Two protocols, always labelled in reports (METHOD.md): full ranking over every item
+(the default; optionally with the user's history items excluded) and the paper's
+sampled protocol (target + N uniform negatives outside the history, fixed seed).
+Numbers of the two are not comparable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal, Protocol
+
+import torch
+
+from slmrec.metrics import MetricSums, full_ranking_ranks, sampled_ranks
+
+
+class Ranker(Protocol):
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor: ...
+
+    def item_table(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    kind: Literal["full", "sampled"] = "full"
+    mask_history: bool = False
+    num_negatives: int = 999
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("full", "sampled"):
+            raise ValueError(f"evaluation protocol must be 'full' or 'sampled', got {self.kind!r}")
+
+    @property
+    def label(self) -> str:
+        """Short name used as a metric prefix: full / full_masked / sampled999."""
+        if self.kind == "sampled":
+            return f"sampled{self.num_negatives}"
+        return "full_masked" if self.mask_history else "full"
+
+    @property
+    def description(self) -> str:
+        if self.kind == "sampled":
+            return (f"sampled: target + {self.num_negatives} uniform negatives outside the user's history, "
+                    f"seed {self.seed}")
+        return "full ranking over all items, " + ("history items excluded" if self.mask_history
+                                                  else "history items not masked")
+
+
+def batch_ranks(ranker: Ranker, items: torch.Tensor, targets: torch.Tensor, protocol: EvalProtocol,
+                user_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target for one batch of right-padded histories."""
+    users = ranker.user_vectors(items).float()
+    table = ranker.item_table().float()
+    if protocol.kind == "full":
+        return full_ranking_ranks(users, table, targets, history_items=items if protocol.mask_history else None)
+
+    def candidate_scores(candidates: torch.Tensor) -> torch.Tensor:
+        candidates = candidates.to(users.device)
+        return (users[:, None, :] * table[candidates]).sum(-1)
+
+    return sampled_ranks(candidate_scores, targets, items, num_negatives=protocol.num_negatives,
+                         seed=protocol.seed, num_items=table.shape[0] - 1, user_ids=user_ids)
+
+
+def evaluate_batches(ranker: Ranker, batches: Iterable[dict[str, torch.Tensor]], protocol: EvalProtocol) -> MetricSums:
+    """Metric sums over batches {"items": [B, L], "targets": [B]} (mergeable across workers)."""
+    sums = MetricSums()
+    for batch in batches:
+        sums.add(batch_ranks(ranker, batch["items"], batch["targets"], protocol, batch.get("user_seed")))
+    return sums

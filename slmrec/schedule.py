@@ -1,0 +1,25 @@
+"""Learning-rate schedule: linear warm-up then cosine decay to a floor.
+
+The reference lr of 1e-3 diverges on LLM backbones without warm-up (METHOD.md), so
+warm-up is part of every training run, not an option.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
+    """Multiplier of the base lr at optimiser step `step` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  floor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, floor))

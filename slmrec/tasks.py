@@ -1,0 +1,119 @@
+"""Training tasks: what one step computes, independent of the training framework.
+
+A task owns the module being trained and turns a batch into separately reported loss
+terms, and it knows how to turn histories into user vectors for ranking. The Ray Train
+worker loop (jobs/common/train_worker.py) drives any task the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from slmrec.blocks import pair_blocks
+from slmrec.losses import DistillWeights, LossTerms, distillation_loss
+from slmrec.model import SeqRecommender
+from slmrec.sasrec import SASRec
+
+
+CE_ONLY = DistillWeights(cos=0.0, l2=0.0, ms=0.0)
+
+
+def next_item_terms(logits: torch.Tensor, targets: torch.Tensor) -> LossTerms:
+    """Plain next-item CE, reported with the same terms as distillation (others 0)."""
+    return distillation_loss(logits, [], [], [], targets, None, CE_ONLY)
+
+
+class Task(Protocol):
+    model: nn.Module
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms: ...
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor: ...
+
+    def item_table(self) -> torch.Tensor: ...
+
+    def save(self, directory: str) -> None: ...
+
+
+@dataclass
+class SASRecTask:
+    """Stage 0: SASRec with full-softmax CE over all items at every position."""
+
+    model: SASRec
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        hidden = self.model(batch["items"])
+        return next_item_terms(self.model.logits(hidden), batch["targets"])
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(items)
+        return SeqRecommender.last_position(hidden, items != 0)
+
+    def item_table(self) -> torch.Tensor:
+        return self.model.item_table()
+
+    def save(self, directory: str) -> None:
+        self.model.save(directory)
+
+
+@dataclass
+class NextItemTask:
+    """Stage 1: the LLM-backbone recommender (teacher) trained with next-item CE."""
+
+    model: SeqRecommender
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        out = self.model(batch["items"])
+        return next_item_terms(self.model.logits(out.hidden), batch["targets"])
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        out = self.model(items)
+        return self.model.project(self.model.last_position(out.hidden, out.mask))
+
+    def item_table(self) -> torch.Tensor:
+        return self.model.item_table
+
+    def save(self, directory: str) -> None:
+        self.model.save(directory)
+
+
+@dataclass
+class DistillTask(NextItemTask):
+    """Stage 2: a shallow student learns from the frozen teacher's block outputs.
+
+    The teacher runs online in the worker under no_grad; its B block outputs are paired
+    with the student's (slmrec.blocks) and the student's intermediate blocks also get
+    their own score heads (multiple supervision)."""
+
+    teacher: SeqRecommender | None = None
+    weights: DistillWeights = field(default_factory=DistillWeights)
+    num_blocks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.teacher is None:
+            raise ValueError("DistillTask needs a teacher")
+        self.pairs = pair_blocks(self.teacher.depth, self.model.depth, self.num_blocks)
+        self.teacher.eval()
+        self.teacher.requires_grad_(False)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
+        items, targets = batch["items"], batch["targets"]
+        needs_blocks = self.weights.cos > 0 or self.weights.l2 > 0
+        teacher_blocks: list[torch.Tensor] = []
+        if needs_blocks:
+            with torch.no_grad():
+                t_out = self.teacher(items, output_layers=True)
+            teacher_blocks = [t_out.layers[t - 1] for t, _ in self.pairs]
+        s_out = self.model(items, output_layers=True)
+        student_blocks = [s_out.layers[s - 1] for _, s in self.pairs]
+        aux_logits = []
+        if self.weights.ms > 0:
+            # Heads on every student block but the last, which the main score head covers.
+            aux_logits = [self.model.aux_logits(h, i) for i, h in enumerate(student_blocks[:-1])]
+        return distillation_loss(
+            student_logits=self.model.logits(s_out.hidden), aux_logits=aux_logits,
+            student_blocks=student_blocks if needs_blocks else [],
+            teacher_blocks=teacher_blocks, targets=targets, mask=s_out.mask, weights=self.weights)
