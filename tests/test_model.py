@@ -263,3 +263,15 @@ def test_init_from_teacher_copies_first_layers_and_projections():
                        teacher.decoder.layers[1].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="student has 3 layers, teacher only 2"):
         init_from_teacher(teacher, student)
+
+
+def test_init_from_teacher_refuses_a_different_prompt(tmp_path):
+    source = save_tiny_llama(tmp_path / "llm")
+    base = dict(num_items=NUM_ITEMS, item_dim=ITEM_DIM)
+    teacher = build_recommender(RecommenderConfig(**base, backbone=BackboneConfig(name=str(source), layers=2)),
+                                item_table())
+    student = build_recommender(RecommenderConfig(**base, prompt=False,
+                                                  backbone=BackboneConfig(name=str(source), layers=1)),
+                                item_table())
+    with pytest.raises(ValueError, match="different prompts"):
+        init_from_teacher(student, teacher)
