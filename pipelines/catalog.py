@@ -60,17 +60,11 @@ class ItemCatalog:
                 known.append(index)
         return known, unknown
 
-    def most_popular(self, k: int, exclude: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """(item indices, counts) of the k most interacted-with items, most popular first
-        (ties: lower index first), leaving out `exclude`. May return fewer than k."""
+    def most_popular(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item indices, counts) of the k most interacted-with items, most popular
+        first; ties go to the lower index so the answer is deterministic."""
         if self._by_popularity is None:
             # Stable sort on -count keeps ties in index order; drop padding (index 0).
-            order = np.argsort(-self.counts[1:], kind="stable") + 1
-            self._by_popularity = order
-        order = self._by_popularity
-        if len(exclude):
-            # Excluding h items pushes the answer at most h places down: never scan all N.
-            order = order[: k + len(exclude)]
-            order = order[~np.isin(order, np.asarray(exclude))]
-        top = order[:k]
+            self._by_popularity = np.argsort(-self.counts[1:], kind="stable") + 1
+        top = self._by_popularity[:k]
         return top, self.counts[top]

@@ -10,6 +10,8 @@ Histories may be longer than the model's `max_len`: the model sees the most rece
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -53,3 +55,33 @@ def recommend(model: SeqRecommender, histories: Sequence[Sequence[int]], k: int,
     seen = pad_histories(histories) if exclude_seen else None
     return chunked_topk(user_vectors(model, items), model.item_table, k, seen, exclude_seen,
                         chunk_size)
+
+
+
+@dataclass
+class Recommender:
+    """A model bound to its top-k settings: `(histories, k, exclude_seen) -> (scores,
+    indices)`, the callable offline scoring and serving hold."""
+
+    model: SeqRecommender
+    chunk_size: int = 65536
+
+    def __call__(self, histories: Sequence[Sequence[int]], k: int,
+                 exclude_seen: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return recommend(self.model, histories, k, exclude_seen, self.chunk_size)
+
+    @property
+    def num_items(self) -> int:
+        return self.model.config.num_items
+
+    @classmethod
+    def load(cls, directory: str | Path, int8: bool = False,
+             chunk_size: int = 65536) -> "Recommender":
+        """A saved model, optionally int8-quantised for CPU serving."""
+        model = SeqRecommender.load(directory).eval()
+        if int8:
+            # Imported here: slmrec.quantize itself builds on this module.
+            from slmrec.quantize import quantize_int8
+
+            model = quantize_int8(model)
+        return cls(model, chunk_size)

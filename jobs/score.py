@@ -1,0 +1,66 @@
+r"""Offline scoring: top-k recommendations for every user of a prepared dataset.
+
+Local (starts a bounded Ray instance):
+    python jobs/score.py --model out/distill/model --data out/ml-1m --output out/scores --k 100
+On a cluster (model, data and output on storage every node shares):
+    ray job submit --working-dir . -- python jobs/score.py --model /ckpt/student \
+        --data /data/prep --output /data/scores --k 100 --num-actors 8
+
+Writes Parquet files under OUTPUT with one row per user: user_id, items (original item
+ids, best first) and scores (float32). A user's whole kept sequence is its history, and
+with --exclude-seen (the default) items already in it are not recommended. The work runs
+on Ray Data (map_batches over an actor pool; pipelines/scoring.py).
+"""
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.common.ray_runtime import init_local_ray
+from pipelines.scoring import score_prepared
+from slmrec.checkpoint import META_FILE
+from slmrec.config import field, parse_config
+from slmrec.recommend import Recommender
+
+
+@dataclass
+class ScoreConfig:
+    model: str = field(help="model checkpoint directory (written by SeqRecommender.save)")
+    data: str = field(help="prepared data directory (output of jobs/prepare.py)")
+    output: str = field(help="directory for the Parquet output (must not exist yet)")
+    k: int = field(100, help="items per user")
+    exclude_seen: bool = field(True, help="never recommend items already in the user's history")
+    int8: bool = field(False, help="score with an int8 (dynamically quantised) copy of the model")
+    batch_size: int = field(256, help="users per model call")
+    num_actors: int = field(1, help="scoring actors (each holds one copy of the model)")
+    cpus_per_actor: float = field(1.0, help="CPUs reserved per actor (torch threads follow it)")
+    chunk_size: int = field(65536, help="items scored at a time in the top-k (memory: batch x chunk)")
+    num_cpus: int = field(2, help="CPUs of the local Ray instance (ignored on a cluster)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_config(ScoreConfig, __doc__, argv)
+    if Path(config.output).exists():
+        sys.exit(f"score: --output {config.output} already exists; choose a new directory")
+    if not (Path(config.model) / META_FILE).exists():
+        sys.exit(f"score: --model {config.model} is not a model checkpoint directory (no {META_FILE})")
+    init_local_ray(num_cpus=config.num_cpus)
+    start = time.perf_counter()
+    load = functools.partial(Recommender.load, config.model, int8=config.int8,
+                             chunk_size=config.chunk_size)
+    try:
+        users = score_prepared(config.data, config.output, load, config.k, config.exclude_seen,
+                               config.batch_size, config.num_actors, config.cpus_per_actor)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"score: {e}")
+    summary = {"users": users, "k": config.k, "output": config.output, "int8": config.int8,
+               "seconds": round(time.perf_counter() - start, 2)}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

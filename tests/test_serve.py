@@ -1,0 +1,177 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: answers equal the in-process model,
+several students are multiplexed, users are batched, and every kind of bad input gets
+the documented fallback or a 4xx naming the field, never a 500."""
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+
+from jobs.serve import MODEL_HEADER, build_app
+from slmrec.recommend import Recommender
+from tests.tiny_serving import NUM_ITEMS, item_id, random_histories, tiny_model, write_prepared
+
+MAX_BATCH = 4
+LIMITS = {"max_batch_size": MAX_BATCH, "batch_wait_timeout_s": 0.05, "max_requests": 8,
+          "max_history": 20, "max_k": NUM_ITEMS}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory):
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    histories = random_histories(10, seed=21)
+    prepared = write_prepared(root / "prepared", histories)
+    models = {"a": tiny_model(seed=1), "b": tiny_model(seed=2)}
+    for name, model in models.items():
+        model.save(root / name)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": [f"a={root / 'a'}", f"b={root / 'b'}"],
+                         "data": str(prepared), **LIMITS}),
+              name="slmrec-test", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    try:
+        yield SimpleNamespace(client=client, histories=histories, models=models)
+    finally:
+        client.close()
+        serve.shutdown()
+
+
+def expected(model, history: list[int], k: int, exclude_seen: bool = True) -> list[int]:
+    _, indices = Recommender(model)([history], k, exclude_seen)
+    return [item_id(i) for i in indices[0].tolist() if i >= 1]
+
+
+def post(server, body, **kwargs) -> httpx.Response:
+    response = server.client.post("/recommend", json=body, **kwargs)
+    assert response.status_code < 500, response.text
+    return response
+
+
+def test_health_models_and_docs(server):
+    health = server.client.get("/healthz").json()
+    assert health["status"] == "ok" and health["users"] == 10 and health["items"] == NUM_ITEMS
+    models = server.client.get("/models").json()
+    assert models["default"] == "a" and [m["id"] for m in models["models"]] == ["a", "b"]
+    assert "/recommend" in server.client.get("/openapi.json").json()["paths"]
+    assert server.client.get("/docs").status_code == 200
+
+
+def test_known_users_and_histories_match_the_in_process_model(server):
+    body = {"requests": [{"user_id": "u3"}, {"user_id": "u7"},
+                         {"history": [item_id(i) for i in [5, 9, 2]]}], "k": 7}
+    results = post(server, body).json()["results"]
+    model = server.models["a"]
+    assert results[0]["items"] == expected(model, server.histories[3], 7)
+    assert results[1]["items"] == expected(model, server.histories[7], 7)
+    assert results[2]["items"] == expected(model, [5, 9, 2], 7)
+    assert all(r["fallback"] is None and r["unknown_items"] == [] for r in results)
+    assert not set(results[0]["items"]) & {item_id(i) for i in server.histories[3]}
+    # String and integer spellings of an item id are the same item.
+    as_strings = post(server, {"requests": [{"history": [str(item_id(i)) for i in [5, 9, 2]]}],
+                               "k": 7}).json()["results"][0]["items"]
+    assert as_strings == results[2]["items"]
+
+
+def test_exclude_seen_false_may_return_history_items(server):
+    history = server.histories[0]
+    body = {"requests": [{"user_id": "u0"}], "k": NUM_ITEMS, "exclude_seen": False}
+    items = post(server, body).json()["results"][0]["items"]
+    assert items == expected(server.models["a"], history, NUM_ITEMS, exclude_seen=False)
+    assert set(items) & {item_id(i) for i in history}
+
+
+def test_model_is_chosen_per_call_by_body_or_header(server):
+    body = {"requests": [{"user_id": "u1"}], "k": 10}
+    by_body = post(server, {**body, "model": "b"}).json()
+    by_header = post(server, body, headers={MODEL_HEADER: "b"}).json()
+    default = post(server, body).json()
+    want_b = expected(server.models["b"], server.histories[1], 10)
+    assert by_body["model"] == by_header["model"] == "b"
+    assert by_body["results"][0]["items"] == by_header["results"][0]["items"] == want_b
+    assert default["model"] == "a" and default["results"][0]["items"] != want_b
+
+
+def test_users_of_one_call_are_batched(server):
+    before = server.client.get("/healthz").json()
+    post(server, {"requests": [{"user_id": f"u{i}"} for i in range(8)], "k": 3})
+    after = server.client.get("/healthz").json()
+    assert after["batched_users"] - before["batched_users"] == 8
+    # 8 users, at most MAX_BATCH per forward: 2 forwards if batching works, 8 if not.
+    assert after["batches"] - before["batches"] == 8 // MAX_BATCH
+
+
+def _popular(server, k: int) -> list[int]:
+    counts = np.bincount(np.concatenate(server.histories), minlength=NUM_ITEMS + 1)
+    counts[0] = -1
+    order = sorted(range(1, NUM_ITEMS + 1), key=lambda i: (-counts[i], i))
+    return [item_id(i) for i in order[:k]]
+
+
+@pytest.mark.parametrize("request_, reason, unknown", [
+    ({"user_id": "nobody"}, "unknown_user", []),
+    ({"user_id": 12345}, "unknown_user", []),
+    ({"history": []}, "empty_history", []),
+    ({"history": [3, "x"]}, "no_known_items", [3, "x"]),
+])
+def test_popularity_fallback_is_flagged(server, request_, reason, unknown):
+    result = post(server, {"requests": [request_], "k": 5}).json()["results"][0]
+    assert result["fallback"] == "popularity" and result["reason"] == reason
+    assert result["items"] == _popular(server, 5)
+    assert result["unknown_items"] == unknown
+
+
+def test_unknown_items_are_dropped_and_reported(server):
+    history = [item_id(4), 999999, item_id(8), "nope"]
+    result = post(server, {"requests": [{"history": history}], "k": 6}).json()["results"][0]
+    assert result["fallback"] is None
+    assert result["unknown_items"] == [999999, "nope"]
+    assert result["items"] == expected(server.models["a"], [4, 8], 6)
+
+
+def _error_locs(response: httpx.Response) -> list[list]:
+    return [d["loc"] for d in response.json()["detail"]]
+
+
+@pytest.mark.parametrize("body, status, loc", [
+    ({"requests": [{"user_id": "u1"}], "k": 0}, 422, ["body", "k"]),
+    ({"requests": [{"user_id": "u1"}], "k": NUM_ITEMS + 1}, 422, ["body", "k"]),
+    ({"requests": [{"user_id": "u1"}], "k": "ten"}, 422, ["body", "k"]),
+    ({"requests": [{"user_id": "u1"}] * 9}, 413, ["body", "requests"]),
+    ({"requests": []}, 422, ["body", "requests"]),
+    ({"k": 3}, 422, ["body", "requests"]),
+    ({"requests": [{"history": [item_id(1)] * 21}]}, 422, ["body", "requests", 0, "history"]),
+    ({"requests": [{"user_id": "u1", "history": [1]}]}, 422, ["body", "requests", 0]),
+    ({"requests": [{}]}, 422, ["body", "requests", 0]),
+    ({"requests": [{"user": "u1"}]}, 422, ["body", "requests", 0, "user"]),
+    ({"requests": [{"user_id": 1.5}]}, 422, ["body", "requests", 0, "user_id"]),
+    ({"requests": [{"user_id": "u1"}], "model": "zzz"}, 404, ["body", "model"]),
+    ({"requests": [{"user_id": "u1"}], "exclude_seen": "maybe"}, 422, ["body", "exclude_seen"]),
+])
+def test_bad_input_is_a_4xx_naming_the_field(server, body, status, loc):
+    response = post(server, body)
+    assert response.status_code == status, response.text
+    assert any(got[: len(loc)] == loc for got in _error_locs(response)), response.text
+
+
+def test_malformed_json_is_a_422(server):
+    response = server.client.post("/recommend", content=b'{"requests": [',
+                                  headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert _error_locs(response)[0][0] == "body"
+
+
+def test_unknown_model_in_header_is_a_404(server):
+    response = post(server, {"requests": [{"user_id": "u1"}]}, headers={MODEL_HEADER: "zzz"})
+    assert response.status_code == 404 and "zzz" in response.text
