@@ -51,6 +51,7 @@ class LogSchema:
 
     files: tuple[str, ...]
     num_rows: int
+    row_group_rows: tuple[tuple[int, ...], ...]  # per file, rows of each row group
     user_type: pa.DataType
     item_type: pa.DataType
     with_rating: bool
@@ -111,10 +112,11 @@ def _output_id_type(t: pa.DataType) -> pa.DataType:
     return t if pa.types.is_integer(t) else pa.string()
 
 
-def _read_footer(path: str) -> tuple[pa.Schema, int]:
+def _read_footer(path: str) -> tuple[pa.Schema, tuple[int, ...]]:
     try:
-        pf = pq.ParquetFile(path)
-        return pf.schema_arrow, pf.metadata.num_rows
+        meta = pq.ParquetFile(path).metadata
+        return meta.schema.to_arrow_schema(), tuple(
+            meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     except (OSError, pa.ArrowException) as e:
         raise LogError(f"{path}: cannot read as Parquet ({e})") from e
 
@@ -159,13 +161,32 @@ def validate(files: list[str], names: ColumnNames, with_rating: bool,
             if seen[0] != kind:
                 raise LogError(f"{path}: column {col!r} holds {kind} ids but {seen[1]} holds "
                                f"{seen[0]} ids; all files must use one kind")
-    num_rows = sum(n for _, n in footers)
+    num_rows = sum(sum(rgs) for _, rgs in footers)
     if num_rows == 0:
         raise LogError(f"input is empty: {len(files)} file(s), 0 rows (first: {files[0]})")
     # The widest integer type among the files is the output type (int32 + int64 -> int64).
     user_type = _widest([s.field(names.user).type for s, _ in footers])
     item_type = _widest([s.field(names.item).type for s, _ in footers])
-    return LogSchema(tuple(files), num_rows, user_type, item_type, with_rating)
+    return LogSchema(tuple(files), num_rows, tuple(rgs for _, rgs in footers),
+                     user_type, item_type, with_rating)
+
+
+def read_units(schema: LogSchema, rows_per_unit: int) -> list[dict]:
+    """Split the input into units of whole row groups of about `rows_per_unit` rows: the
+    unit of parallel reading (a big file becomes several units, small files stay one)."""
+    units = []
+    for path, rgs in zip(schema.files, schema.row_group_rows):
+        current: list[int] = []
+        rows = 0
+        for i, n in enumerate(rgs):
+            if current and rows + n > rows_per_unit:
+                units.append({"path": path, "row_groups": current})
+                current, rows = [], 0
+            current.append(i)
+            rows += n
+        if current and rows:
+            units.append({"path": path, "row_groups": current})
+    return units
 
 
 def _widest(types: list[pa.DataType]) -> pa.DataType:

@@ -39,20 +39,18 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import prepare_kernels as kernels
-from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, read_columns,
+from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, read_units,
                             resolve_inputs, validate)
 from pipelines.prepare_sink import ScatterByUserSink, partition_dir
-from pipelines.prepared import ITEMS_DIR, SEQUENCES_DIR, STATS_FILE
+from pipelines.prepared import ITEM_INDEX_ORDER, ITEMS_DIR, SEQUENCES_DIR, STATS_FILE
 from slmrec.config import field
-
-ITEM_INDEX_ORDER = "count descending, then item_id ascending"
 
 
 @dataclass
@@ -74,6 +72,8 @@ class PrepareConfig:
     num_partitions: int = field(0, help="user-hash partitions; 0 = ceil(input rows / rows-per-partition)")
     rows_per_partition: int = field(2_000_000, help="target rows per partition when num-partitions is 0; "
                                                     "bounds each task's data")
+    read_batch_rows: int = field(1_000_000, help="rows per read unit and per read batch of the "
+                                                 "streaming pass; bounds its memory")
     task_memory_mb: int = field(2048, help="memory per partition task: DuckDB's limit (it spills beyond) "
                                            "and the Ray memory reserved, which caps concurrency")
     task_threads: int = field(1, help="CPUs (DuckDB threads) per partition task")
@@ -83,7 +83,7 @@ class PrepareConfig:
 
     def __post_init__(self) -> None:
         for name in ("min_user_interactions", "min_item_interactions", "max_len",
-                     "rows_per_partition", "task_memory_mb", "task_threads"):
+                     "rows_per_partition", "read_batch_rows", "task_memory_mb", "task_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_partitions < 0:
@@ -143,9 +143,10 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
 
     # 1. Stream the log once: reject null rows, scatter rows by user hash.
     sink = ScatterByUserSink(str(scratch / "parts"), config.columns, schema,
-                             config.min_rating, num_parts)
-    ds = ray.data.read_parquet(list(schema.files), columns=read_columns(
-        config.columns, schema.with_rating))
+                             config.min_rating, num_parts, config.read_batch_rows)
+    units = read_units(schema, config.read_batch_rows)
+    # One read unit per block, so Ray Data runs one write task per unit, in parallel.
+    ds = ray.data.from_items(units, override_num_blocks=len(units))
     ds.write_datasink(sink)
     scatter = sink.total
     if scatter is None or scatter.rows != schema.num_rows:
@@ -169,17 +170,13 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     # 3. Iterative k-core: global item counts, partition-local user test.
     t = time.perf_counter()
     count = ray.remote(kernels.item_counts).options(**task)
-    keep: pa.Table | None = None
-    rounds = 0
-    while True:
-        rounds += 1
+
+    def count_round(keep: pa.Table | None) -> pa.Table:
         keep_ref = ray.put(keep)
-        counts = _sum_counts([count.remote(base[p], keep_ref, config.min_user_interactions,
-                                           settings) for p in live])
-        surviving = counts.filter(pc.greater_equal(counts["count"], config.min_item_interactions))
-        if surviving.num_rows == counts.num_rows:
-            break
-        keep = surviving.select(["item_id"])
+        return _sum_counts([count.remote(base[p], keep_ref, config.min_user_interactions,
+                                         settings) for p in live])
+
+    counts, rounds = kcore_items(count_round, config.min_item_interactions)
     if counts.num_rows == 0:
         raise LogError(f"the k-core is empty: no user has >= {config.min_user_interactions} "
                        f"interactions on items with >= {config.min_item_interactions}")
@@ -223,6 +220,24 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     check_identity(stats)
     (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def kcore_items(count_round: Callable[[pa.Table | None], pa.Table],
+                min_item: int) -> tuple[pa.Table, int]:
+    """Iterate k-core rounds until every item left has >= min_item interactions.
+
+    `count_round(keep)` returns the global item counts after keeping only the items in
+    `keep` (all items when None) and then only users with enough of those. Returns the
+    final counts (the k-core's items) and the number of rounds."""
+    keep: pa.Table | None = None
+    rounds = 0
+    while True:
+        rounds += 1
+        counts = count_round(keep)
+        surviving = counts.filter(pc.greater_equal(counts["count"], min_item))
+        if surviving.num_rows == counts.num_rows:
+            return counts, rounds
+        keep = surviving.select(["item_id"])
 
 
 def _sum_counts(refs: list) -> pa.Table:

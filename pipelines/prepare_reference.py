@@ -14,7 +14,7 @@ from typing import Any
 import duckdb
 
 from pipelines.logs import REJECT_REASONS, ColumnNames
-from pipelines.prepare import ITEM_INDEX_ORDER
+from pipelines.prepared import ITEM_INDEX_ORDER
 
 
 def _q(name: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import duckdb
 import numpy as np
@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from pipelines.logs import REJECT_REASONS, ColumnNames, LogSchema, normalize, reject_rows
+from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, normalize,
+                            read_columns, reject_rows)
 
 
 def partition_dir(root: str | Path, partition: int) -> Path:
@@ -59,11 +60,14 @@ def partition_of(user_ids: pa.ChunkedArray | pa.Array, num_partitions: int) -> n
 
 
 class ScatterByUserSink(Datasink[ScatterCounts]):
-    """Validate, reject null rows, and write rows to `root/part-XXXXX/` by user hash."""
+    """Read units of the log, reject null rows, and write rows to `root/part-XXXXX/` by
+    user hash."""
 
     def __init__(self, root: str, names: ColumnNames, schema: LogSchema,
-                 min_rating: float | None, num_partitions: int):
+                 min_rating: float | None, num_partitions: int, batch_rows: int = 500_000):
         self.root = root
+        self.columns = read_columns(names, schema.with_rating)
+        self.batch_rows = batch_rows
         self.names = names
         self.schema = schema
         self.min_rating = min_rating
@@ -75,6 +79,8 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
             partition_dir(self.root, p).mkdir(parents=True, exist_ok=True)
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> ScatterCounts:
+        """Each input row is a read unit (path, row_groups); it is read in batches of
+        `batch_rows`, so a task holds one batch, however big the unit."""
         counts = ScatterCounts(per_partition=[0] * self.num_partitions)
         writers: dict[int, pq.ParquetWriter] = {}
         # A retried task writes under a fresh name; the failed attempt's files are
@@ -82,18 +88,28 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
         name = f"w{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
         try:
             for block in blocks:
-                table = BlockAccessor.for_block(block).to_arrow()
-                counts.rows += table.num_rows
-                kept, rejected = reject_rows(normalize(table, self.names, self.schema),
-                                             self.min_rating)
-                for k, v in rejected.items():
-                    counts.rejected[k] += v
-                kept = kept.select(["user_id", "item_id", "timestamp"])
-                self._scatter(kept, writers, name, counts)
+                for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                    for batch in self._batches(unit["path"], unit["row_groups"]):
+                        counts.rows += batch.num_rows
+                        kept, rejected = reject_rows(normalize(batch, self.names, self.schema),
+                                                     self.min_rating)
+                        for k, v in rejected.items():
+                            counts.rejected[k] += v
+                        self._scatter(kept.select(["user_id", "item_id", "timestamp"]),
+                                      writers, name, counts)
         finally:
             for w in writers.values():
                 w.close()
         return counts
+
+    def _batches(self, path: str, row_groups: list[int]) -> Iterator[pa.Table]:
+        try:
+            reader = pq.ParquetFile(path)
+            for batch in reader.iter_batches(batch_size=self.batch_rows, row_groups=row_groups,
+                                             columns=self.columns):
+                yield pa.Table.from_batches([batch])
+        except (OSError, pa.ArrowException) as e:
+            raise LogError(f"{path}: cannot read row groups {row_groups} ({e})") from e
 
     def _scatter(self, table: pa.Table, writers: dict[int, pq.ParquetWriter], name: str,
                  counts: ScatterCounts) -> None:

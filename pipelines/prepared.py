@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 STATS_FILE = "stats.json"
 SEQUENCES_DIR = "sequences"
 ITEMS_DIR = "items"
+# How item indices are assigned (1..N; 0 is padding), recorded in stats.json.
+ITEM_INDEX_ORDER = "count descending, then item_id ascending"
 
 
 def _require(path: Path, what: str) -> Path:

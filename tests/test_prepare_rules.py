@@ -1,0 +1,209 @@
+"""Each prepare rule on hand-computed cases, without Ray: the validation and rejection
+functions, the DuckDB partition kernels, the k-core loop, the vocabulary and the stats
+identity. The whole pipeline through Ray is in test_prepare_e2e.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import prepare_kernels as kernels
+from pipelines.logs import (ColumnNames, LogError, LogSchema, normalize, read_units, reject_rows,
+                            resolve_inputs, validate)
+from pipelines.prepare import (PrepareConfig, check_identity, item_vocabulary, kcore_items,
+                               run_prepare)
+from pipelines.prepare_reference import prepare_with_duckdb
+
+SETTINGS = kernels.KernelSettings(threads=1, memory_limit_mb=256)
+
+
+def write(path: Path, **cols) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+    return str(path)
+
+
+def ints(*values) -> pa.Array:
+    return pa.array(values, pa.int64())
+
+
+# ---- rule 1: null rows are rejected, counted by their first failing reason ----
+
+def test_reject_rows_counts_each_row_under_its_first_reason():
+    table = pa.table({"user_id": ints(1, None, 2, 3, None, 4, 5),
+                      "item_id": ints(1, 1, None, 3, None, 4, 5),
+                      "timestamp": ints(1, 1, 1, None, None, 4, 5),
+                      "rating": pa.array([5.0, 5.0, 5.0, 5.0, 5.0, 2.0, None])})
+    kept, counts = reject_rows(table, min_rating=None)
+    assert kept["user_id"].to_pylist() == [1, 4, 5]
+    assert counts == {"null_user_id": 2, "null_item_id": 1, "null_timestamp": 1,
+                      "null_rating": 0, "rating_below_min": 0}
+    kept, counts = reject_rows(table, min_rating=3.0)
+    assert kept["user_id"].to_pylist() == [1]
+    assert counts["null_rating"] == 1 and counts["rating_below_min"] == 1
+
+
+def test_normalize_maps_column_names_and_parquet_timestamps():
+    table = pa.table({"who": pa.array([7], pa.int32()), "what": pa.array(["x"]).dictionary_encode(),
+                      "when": pa.array([1_600_000_000], pa.timestamp("s"))})
+    names = ColumnNames(user="who", item="what", timestamp="when")
+    schema = LogSchema(("x.parquet",), 1, ((1,),), pa.int32(), pa.string(), False)
+    out = normalize(table, names, schema)
+    assert out.column_names == ["user_id", "item_id", "timestamp"]
+    assert out.to_pylist() == [{"user_id": 7, "item_id": "x", "timestamp": 1_600_000_000}]
+    assert out.schema.field("user_id").type == pa.int64()
+
+
+# ---- bad input fails fast, naming the file and the problem ----
+
+def test_validate_rejects_missing_column(tmp_path):
+    f = write(tmp_path / "a.parquet", user_id=ints(1), item_id=ints(1))
+    with pytest.raises(LogError, match=r"a\.parquet: missing column\(s\) \['timestamp'\]"):
+        validate([f], ColumnNames(), with_rating=False)
+
+
+@pytest.mark.parametrize("column,values,problem", [
+    ("timestamp", pa.array([1.5]), "timestamps must be integers"),
+    ("timestamp", pa.array(["2020-01-01"]), "timestamps must be integers"),
+    ("user_id", pa.array([1.0]), "ids must be integers or strings"),
+])
+def test_validate_rejects_wrong_types(tmp_path, column, values, problem):
+    cols = {"user_id": ints(1), "item_id": ints(1), "timestamp": ints(1)}
+    cols[column] = values
+    f = write(tmp_path / "bad.parquet", **cols)
+    with pytest.raises(LogError, match=rf"bad\.parquet: column '{column}' has type .*{problem}"):
+        validate([f], ColumnNames(), with_rating=False)
+
+
+def test_validate_rejects_unreadable_file_and_mixed_id_kinds_and_empty_input(tmp_path):
+    good = write(tmp_path / "good.parquet", user_id=ints(1), item_id=ints(1), timestamp=ints(1))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"this is not parquet")
+    with pytest.raises(LogError, match=r"broken\.parquet: cannot read as Parquet"):
+        validate([good, str(broken)], ColumnNames(), with_rating=False)
+    strings = write(tmp_path / "strings.parquet", user_id=pa.array(["u"]), item_id=ints(1),
+                    timestamp=ints(1))
+    with pytest.raises(LogError, match=r"strings\.parquet: column 'user_id' holds string ids but "
+                                       r".*good\.parquet holds integer ids"):
+        validate([good, strings], ColumnNames(), with_rating=False)
+    empty = write(tmp_path / "empty.parquet", user_id=ints(), item_id=ints(), timestamp=ints())
+    with pytest.raises(LogError, match=r"input is empty: 1 file\(s\), 0 rows .*empty\.parquet"):
+        validate([empty], ColumnNames(), with_rating=False)
+
+
+def test_resolve_inputs_file_directory_glob_and_missing(tmp_path):
+    a = write(tmp_path / "d" / "a.parquet", x=ints(1))
+    b = write(tmp_path / "d" / "sub" / "b.parquet", x=ints(1))
+    assert resolve_inputs(a) == [a]
+    assert resolve_inputs(str(tmp_path / "d")) == sorted([a, b])
+    assert resolve_inputs(str(tmp_path / "d" / "*.parquet")) == [a]
+    with pytest.raises(LogError, match="no such file or directory"):
+        resolve_inputs(str(tmp_path / "nope"))
+    with pytest.raises(LogError, match="glob matches no files"):
+        resolve_inputs(str(tmp_path / "*.csv"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LogError, match="holds no \\*.parquet files"):
+        resolve_inputs(str(tmp_path / "empty"))
+
+
+def test_read_units_split_big_files_by_row_groups(tmp_path):
+    f = tmp_path / "rg.parquet"
+    pq.write_table(pa.table({"user_id": ints(*range(10)), "item_id": ints(*range(10)),
+                             "timestamp": ints(*range(10))}), f, row_group_size=3)
+    schema = validate([str(f)], ColumnNames(), with_rating=False)
+    assert schema.row_group_rows == ((3, 3, 3, 1),)
+    assert [u["row_groups"] for u in read_units(schema, rows_per_unit=6)] == [[0, 1], [2, 3]]
+
+
+def test_existing_output_is_not_overwritten_without_flag(tmp_path):
+    f = write(tmp_path / "log.parquet", user_id=ints(1), item_id=ints(1), timestamp=ints(1))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="use --overwrite"):
+        run_prepare(PrepareConfig(input=f, output=str(out)))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+# ---- rule 2: duplicates keep the earliest occurrence ----
+
+def test_dedup_keeps_earliest_occurrence(tmp_path):
+    write(tmp_path / "p" / "a.parquet", user_id=ints(1, 1, 1, 2), item_id=ints(5, 5, 6, 5),
+          timestamp=ints(30, 10, 20, 40))
+    write(tmp_path / "p" / "b.parquet", user_id=ints(1), item_id=ints(5), timestamp=ints(10))
+    rows = kernels.dedup(str(tmp_path / "p" / "*.parquet"), str(tmp_path / "base.parquet"), SETTINGS)
+    assert rows == 3
+    got = pq.read_table(tmp_path / "base.parquet").sort_by([("user_id", "ascending"), ("item_id", "ascending")])
+    assert got.to_pylist() == [{"user_id": 1, "item_id": 5, "timestamp": 10},
+                               {"user_id": 1, "item_id": 6, "timestamp": 20},
+                               {"user_id": 2, "item_id": 5, "timestamp": 40}]
+
+
+# ---- rule 3: iterative k-core, including a cascade ----
+
+def cascade_base(tmp_path: Path, ids=lambda v: v) -> str:
+    """min_user = min_item = 2. U4 has one row and goes in round 1, which leaves item d
+    with one user; d goes, U3 is left with one row and goes, which leaves c with one user;
+    c goes in round 3, and the k-core is U1, U2 x a, b."""
+    rows = [("U1", "a"), ("U1", "b"), ("U1", "c"), ("U2", "a"), ("U2", "b"),
+            ("U3", "c"), ("U3", "d"), ("U4", "d")]
+    return write(tmp_path / "base.parquet", user_id=pa.array([ids(u) for u, _ in rows]),
+                 item_id=pa.array([ids(i) for _, i in rows]),
+                 timestamp=ints(*range(len(rows))))
+
+
+def test_kcore_cascade_takes_three_rounds(tmp_path):
+    base = cascade_base(tmp_path)
+    counts, rounds = kcore_items(lambda keep: kernels.item_counts(base, keep, 2, SETTINGS), 2)
+    assert rounds == 3
+    assert sorted(counts.to_pylist(), key=lambda r: r["item_id"]) == [
+        {"item_id": "a", "count": 2}, {"item_id": "b", "count": 2}]
+
+
+def test_kcore_matches_the_plain_delete_loop(tmp_path):
+    base = cascade_base(tmp_path)
+    stats = prepare_with_duckdb([base], tmp_path / "ref", ColumnNames(), 2, 2, max_len=10)
+    assert stats["filtered_out"] == 4 and stats["users"] == 2 and stats["items"] == 2
+
+
+# ---- rules 4-6: order by (timestamp, item_id), keep the last max_len + 2, item index ----
+
+def test_sequences_order_ties_by_item_id_and_keep_the_most_recent(tmp_path):
+    # User "u": items 30 and 10 share timestamp 5 -> 10 before 30; keep_last = 3 cuts
+    # the oldest (item 20 at time 1). User "v" has one row and is below min_user = 2.
+    base = write(tmp_path / "base.parquet", user_id=pa.array(["u", "u", "u", "u", "v"]),
+                 item_id=ints(30, 10, 20, 40, 10), timestamp=ints(5, 5, 1, 9, 3))
+    vocab = pa.table({"item_id": ints(10, 20, 30, 40), "item_index": pa.array([1, 2, 3, 4], pa.int32())})
+    counts = kernels.sequences(base, vocab, 2, 3, str(tmp_path / "seq.parquet"), pa.string(), SETTINGS)
+    assert counts == kernels.SequenceCounts(users=1, interactions=3, kcore_rows=4)
+    got = pq.read_table(tmp_path / "seq.parquet")
+    assert got.to_pylist() == [{"user_id": "u", "item_index": [1, 3, 4], "timestamp": [5, 5, 9]}]
+    assert got.schema.field("item_index").type == pa.list_(pa.int32())
+    assert got.schema.field("timestamp").type == pa.list_(pa.int64())
+
+
+def test_item_vocabulary_is_count_descending_then_id_and_starts_at_one():
+    counts = pa.table({"item_id": pa.array(["b", "c", "a", "d"]), "count": ints(5, 7, 5, 9)})
+    vocab = item_vocabulary(counts)
+    assert vocab.to_pylist() == [{"item_id": "d", "item_index": 1, "count": 9},
+                                 {"item_id": "c", "item_index": 2, "count": 7},
+                                 {"item_id": "a", "item_index": 3, "count": 5},
+                                 {"item_id": "b", "item_index": 4, "count": 5}]
+    assert vocab.schema.field("item_index").type == pa.int32()
+
+
+# ---- the stats identity ----
+
+def test_identity_holds_and_its_check_catches_a_lost_row():
+    stats = {"input_rows": 19, "rejected": {"null_user_id": 2, "null_item_id": 1, "null_timestamp": 1},
+             "duplicates_removed": 2, "filtered_out": 5, "truncated": 2, "interactions": 6}
+    check_identity(stats)
+    with pytest.raises(RuntimeError, match="row accounting is off"):
+        check_identity({**stats, "interactions": 5})
+
+
+def test_config_rejects_nonsense_settings():
+    with pytest.raises(ValueError, match="--max-len must be >= 1"):
+        PrepareConfig(input="x", output="y", max_len=0)
