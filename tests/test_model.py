@@ -237,6 +237,17 @@ def test_prompted_model_is_causal_and_padding_blind(tmp_path):
     longer = model(torch.tensor([[3, 7, 1, 9, 2]])).hidden
     assert torch.allclose(short, padded[:, :3], atol=1e-6)
     assert torch.allclose(short, longer[:, :3], atol=1e-6)
+    out = model(torch.tensor([[3, 7, 1, 0, 0]]), output_layers=True)
+    assert [tuple(h.shape) for h in out.layers] == [(1, 5, 16)] * 4  # item positions only
+    assert torch.equal(out.layers[-1], out.hidden)
+
+
+def test_bfloat16_backbone():
+    model = build_recommender(scratch(dtype="bfloat16"), item_table()).eval()
+    out = model(ITEMS)
+    assert out.hidden.dtype == torch.bfloat16
+    logits = model.logits(out.hidden)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits[..., 1:]).all()
 
 
 def test_load_rejects_other_checkpoints(tmp_path):
