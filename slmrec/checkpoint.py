@@ -133,6 +133,15 @@ def save_checkpoint(directory: str | os.PathLike, tensors: dict[str, Tensor], me
 
 def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors on CPU, meta) from a checkpoint directory; errors name the offending path."""
+    tensors_path, _ = _checkpoint_files(directory)
+    try:
+        tensors = load_file(str(tensors_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"checkpoint file {tensors_path} is not a readable safetensors file: {err}") from err
+    return tensors, load_meta(directory)
+
+
+def _checkpoint_files(directory: str | os.PathLike) -> tuple[Path, Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
@@ -140,17 +149,19 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], di
     for path in (tensors_path, meta_path):
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint file {path} is missing")
-    try:
-        tensors = load_file(str(tensors_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"checkpoint file {tensors_path} is not a readable safetensors file: {err}") from err
+    return tensors_path, meta_path
+
+
+def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """Only the JSON part of a checkpoint (cheap: no weights are read)."""
+    _, meta_path = _checkpoint_files(directory)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"checkpoint file {meta_path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict):
         raise ValueError(f"checkpoint file {meta_path} must hold a JSON object, got {type(meta).__name__}")
-    return tensors, meta
+    return meta
 
 
 def _encode(value: Any, where: str, tensors: dict[str, Tensor]) -> Any:

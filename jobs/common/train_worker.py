@@ -162,15 +162,17 @@ class _Progress:
     """One line every `every` steps: epoch, step, loss terms, throughput and ETA. Plain
     lines rather than a redrawn bar: worker output reaches the driver as log lines."""
 
-    def __init__(self, total_steps: int, every: int, rank: int):
+    def __init__(self, total_steps: int, every: int, rank: int, records: list[dict[str, float]]):
         self.total, self.every, self.rank = total_steps, every, rank
         self.start = time.time()
         self.done = 0
+        self.records = records  # every logged step's loss terms, for the report's curves
 
-    def step(self, epoch: int, step: int, samples: int, terms: dict[str, float]) -> None:
+    def step(self, epoch: int, step: int, global_step: int, samples: int, terms: dict[str, float]) -> None:
         self.done += 1
         if self.rank != 0 or (step % self.every and self.done != self.total):
             return
+        self.records.append({"step": global_step, "epoch": epoch + 1, **terms})
         elapsed = time.time() - self.start
         eta = elapsed / self.done * max(0, self.total - self.done)
         loss = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
@@ -204,7 +206,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # The engine may re-wrap the module (ZeRO-3 partitions it); the task must use it.
     task.model = engine.module
 
-    state = {"epoch": 0, "global_step": 0, "best": -1.0, "best_epoch": -1, "history": []}
+    state = {"epoch": 0, "global_step": 0, "best": -1.0, "best_epoch": -1, "history": [], "steps": []}
     best_weights: dict[str, torch.Tensor] = {}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
@@ -217,7 +219,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     out = Path(spec.output_dir)
     shard = ray.train.get_dataset_shard("train")
-    progress = _Progress(steps_per_epoch * (spec.epochs - state["epoch"]), spec.log_every, rank)
+    progress = _Progress(steps_per_epoch * (spec.epochs - state["epoch"]), spec.log_every, rank, state["steps"])
     samples = 0
     for epoch in range(state["epoch"], spec.epochs):
         epoch_start = time.time()
@@ -236,7 +238,7 @@ def train_loop(config: dict[str, Any]) -> None:
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
             samples += batch["items"].shape[0] * world
-            progress.step(epoch, step, samples, logged)
+            progress.step(epoch, step, state["global_step"], samples, logged)
             if spec.stop_after_steps and state["global_step"] >= spec.stop_after_steps:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
@@ -286,7 +288,7 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
         results.update({f"test_{protocol.label}/{k}": v for k, v in metrics.items()})
     final = {"best_epoch": state["best_epoch"], f"best_valid/{BEST_METRIC}": state["best"], **results}
     if rank == 0:
-        atomic_write_json(out / "metrics.json", {"final": final, "history": state["history"],
+        atomic_write_json(out / "metrics.json", {"final": final, "history": state["history"], "steps": state["steps"],
                                                  "spec": {k: v for k, v in asdict(spec).items() if k != "ds_config"},
                                                  "deepspeed": spec.ds_config})
         print("[train] test " + json.dumps({k: round(v, 4) for k, v in results.items()}), flush=True)

@@ -1,0 +1,129 @@
+"""The distillation report: teacher vs student, side by side, with the protocol of every
+number. REPORT.md + report.json + PNGs (loss terms per step, validation per epoch, the
+layer-redundancy probe).
+
+Speed and the probe run on the driver on a bounded sample of users, so the report costs
+the same whatever the size of the data.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, read_metrics
+from slmrec.checkpoint import atomic_write_json, atomic_write_text
+from slmrec.evaluation import EvalProtocol
+from slmrec.model import SeqRecommender
+
+SPEED_BATCHES = (1, 32, 256)
+PROBE_USERS = 2048
+METRIC_COLS = ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
+
+
+def _plot_steps(steps: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    terms = [t for t in ("total", "ce", "cos", "l2", "ms") if any(s.get(t) for s in steps)]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        ax.plot([s["step"] for s in steps], [s[term] for s in steps])
+        ax.set(title=term, xlabel="step")
+    fig.suptitle("student loss terms (unweighted)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _sample_batches(dataset, users: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    rows = dataset.take_batch(users, batch_format="numpy")
+    n = len(rows["items"])
+    return [{k: torch.as_tensor(v[i:i + batch]) for k, v in rows.items()} for i in range(0, n, batch)]
+
+
+def _probe(teacher: SeqRecommender, splits, seed: int, output: Path) -> dict[str, Any]:
+    from slmrec.probe import plot_probe, probe_layers
+
+    train = _sample_batches(splits.train, PROBE_USERS, 64)
+    valid = _sample_batches(splits.valid, PROBE_USERS, 256)
+    rows = probe_layers(teacher, train, valid, seed=seed)
+    label = f"teacher ({teacher.depth} layers)"
+    plot_probe({label: rows}, output / "layer_probe.png")
+    return {label: rows}
+
+
+def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, Any]:
+    from jobs.common.data import load_splits
+    from slmrec.speed import measure_inference
+
+    student_metrics = read_metrics(output)
+    teacher_metrics_path = teacher_dir.parent / "metrics.json"
+    teacher_metrics = json.loads(teacher_metrics_path.read_text()) if teacher_metrics_path.is_file() else None
+    teacher = SeqRecommender.load(teacher_dir).eval()
+    student = SeqRecommender.load(output / "best").eval()
+
+    models = {"teacher": teacher, "student": student}
+    params = {name: m.parameter_counts() for name, m in models.items()}
+    speed = {name: measure_inference(m, m.config.num_items, config.max_len, batch_sizes=SPEED_BATCHES)
+             for name, m in models.items()}
+    metrics_rows = []
+    for name, metrics in (("teacher", teacher_metrics), ("student", student_metrics)):
+        for row in metrics_by_protocol(metrics["final"]) if metrics else []:
+            metrics_rows.append({"model": name, **row})
+    epoch_seconds = {name: [h["epoch_seconds"] for h in m["history"]]
+                     for name, m in (("teacher", teacher_metrics), ("student", student_metrics)) if m}
+
+    probe = None
+    if config.probe:
+        splits = load_splits(config.data, config.max_len)
+        probe = _probe(teacher, splits, config.seed, output)
+
+    _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
+    plot_curves(student_metrics["history"], output / "training_curve.png", "student")
+    protocols = {p.label: p.description for p in (
+        EvalProtocol("full", mask_history=config.mask_history),
+        EvalProtocol("sampled", num_negatives=config.sampled_negatives, seed=config.seed))}
+    weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
+               "norm_mode": config.norm_mode, "blocks": config.blocks, "student_init": config.student_init}
+    report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,
+              "metrics": metrics_rows, "protocols": protocols, "epoch_seconds": epoch_seconds,
+              "inference": speed, "probe": probe, "distillation": weights,
+              "student_final": student_metrics["final"], "history": student_metrics["history"]}
+    atomic_write_json(output / "report.json", report)
+
+    speed_rows = []
+    for bs_index, bs in enumerate(SPEED_BATCHES):
+        t, s = speed["teacher"][bs_index], speed["student"][bs_index]
+        speed_rows.append({"batch": bs, "teacher samples/s": t["samples_per_s"],
+                           "student samples/s": s["samples_per_s"],
+                           "speed-up": s["samples_per_s"] / t["samples_per_s"],
+                           "teacher p50 ms": t["latency_ms_p50"], "student p50 ms": s["latency_ms_p50"]})
+    lines = [f"# Distillation: {teacher.depth}-layer teacher -> {student.depth}-layer student", "",
+             f"Losses: CE + {config.cos_weight} x (1 - cos) + {config.l2_weight} x {config.norm_mode} over "
+             f"{config.blocks} blocks + {config.ms_weight} x multiple supervision; student init: "
+             f"{config.student_init}.", "",
+             "## Parameters", "",
+             markdown_table([{"model": n, **c} for n, c in params.items()],
+                            ["model", "total", "trainable", "item_table", "token_embeddings"]), "",
+             f"Student / teacher total parameters: {params['student']['total'] / params['teacher']['total']:.3f}.",
+             "", "## Test metrics", "", markdown_table(metrics_rows, ["model", "protocol", *METRIC_COLS]), ""]
+    lines += [f"- `{label}`: {desc}" for label, desc in protocols.items()]
+    lines += ["", "## Training time per epoch (s)", ""]
+    lines += [f"- {name}: {', '.join(f'{s:.1f}' for s in secs)}" for name, secs in epoch_seconds.items()]
+    lines += ["", f"## Inference (this machine, {next(teacher.parameters()).device}, sequence length "
+                  f"{config.max_len}, full ranking)", "",
+              markdown_table(speed_rows, list(speed_rows[0])), "",
+              "## Loss terms", "", "![loss terms](loss_terms.png)", "", "![training curve](training_curve.png)", ""]
+    if probe:
+        lines += ["## Layer-redundancy probe (validation NDCG@10 of a linear readout per layer)", "",
+                  markdown_table(next(iter(probe.values())), ["layer", "NDCG@10", "HR@10"]), "",
+                  "![layer probe](layer_probe.png)", ""]
+    atomic_write_text(output / "REPORT.md", "\n".join(lines))
+    return report

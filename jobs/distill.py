@@ -1,0 +1,153 @@
+"""Stage 2: distil a shallow student from the frozen teacher (SLMRec).
+
+The student is the teacher's architecture with fewer layers and FRESH projections and
+LoRA (or teacher-initialised with --student-init teacher, an option to measure). Loss:
+CE + sum over B blocks of [cos_weight * (1 - cos) + l2_weight * ||h_s - h_t||] between
+paired teacher/student block outputs + ms_weight * CE of B-1 extra score heads on the
+student's intermediate blocks. Every term is logged separately.
+
+Submit to a running cluster (or use `python` alone for a local run):
+    ray job submit --working-dir . -- python jobs/distill.py --data out/ml-1m \\
+        --teacher runs/teacher --student-layers 4 --output runs/student
+Without --teacher the teacher is trained first (jobs/train_teacher.py, same backbone
+flags) into OUTPUT/teacher:
+    python jobs/distill.py --data out/ml-1m --output runs/kd --backbone scratch \\
+        --layers 8 --hidden 256 --heads 4 --student-layers 2 --blocks 2
+
+The teacher runs online inside the training workers (no_grad): see README for the
+measurement behind that choice. Writes OUTPUT/best/ (the student), metrics.json,
+REPORT.md, report.json and PNGs (loss terms, metrics, layer probe).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags  # noqa: E402
+from slmrec.backbones import BackboneConfig  # noqa: E402
+from slmrec.config import field, parse_config  # noqa: E402
+
+
+@dataclass(kw_only=True)
+class DistillConfig(DataFlags, TrainFlags, ItemTableFlags):
+    teacher: Optional[str] = field(None, help="teacher: a jobs/train_teacher.py output directory (or its best/); "
+                                              "without it the teacher is trained first from the backbone flags")
+    student_layers: int = field(4, help="decoder layers of the student")
+    blocks: int = field(4, help="blocks B: teacher depths (M/B)*i paired with student depths (N/B)*i")
+    cos_weight: float = field(1.0, help="feature direction alignment weight (1 - cos per block)")
+    l2_weight: float = field(0.1, help="feature norm regularisation weight")
+    ms_weight: float = field(1.0, help="multiple supervision weight (B-1 extra score heads)")
+    norm_mode: Literal["distance", "norm"] = field("distance", help="norm term: ||h_s - h_t|| (reference code) "
+                                                                  "or | ||h_s|| - ||h_t|| | (paper's wording)")
+    student_init: Literal["fresh", "teacher"] = field("fresh", help="fresh weights (the paper) or the teacher's "
+                                                                  "first layers and projections")
+    warmup_steps: int = field(50, help="linear warm-up steps before cosine decay")
+    epochs: int = field(5, help="student training epochs")
+    teacher_epochs: int = field(3, help="teacher epochs when the teacher is trained first")
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(layers=8, hidden=128, heads=4),
+                                     help="teacher backbone when no --teacher is given")
+    prompt: bool = field(True, help="teacher trained first: wrap items in a text instruction if a tokenizer exists")
+    probe: bool = field(True, help="run the layer-redundancy probe on the teacher for the report")
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A stage's output directory or the model directory inside it."""
+    path = Path(path).resolve()
+    return path / "best" if (path / "best" / "meta.json").is_file() else path
+
+
+def student_config(teacher_config: dict, student_layers: int, aux_heads: int) -> dict:
+    backbone = dict(teacher_config["backbone"], layers=student_layers)
+    return dict(teacher_config, backbone=backbone, aux_heads=aux_heads)
+
+
+def build_task(args: dict):
+    """Runs in each Ray Train worker: frozen teacher + fresh (or teacher-initialised) student."""
+    from slmrec.losses import DistillWeights
+    from slmrec.model import RecommenderConfig, SeqRecommender, build_recommender, init_from_teacher
+    from slmrec.tasks import DistillTask
+
+    teacher = SeqRecommender.load(args["teacher"])
+    config = RecommenderConfig(**student_config(teacher.config.to_dict(), args["student_layers"], args["aux_heads"]))
+    student = build_recommender(config, teacher.item_table, seed=args["seed"])
+    if args["student_init"] == "teacher":
+        init_from_teacher(student, teacher)
+    return DistillTask(student, teacher=teacher, weights=DistillWeights(**args["weights"]),
+                       num_blocks=args["blocks"])
+
+
+def validate(config: DistillConfig, teacher_dir: Path) -> int:
+    """Fail before any worker starts: teacher files, depths and blocks. Returns the teacher depth."""
+    from slmrec.blocks import pair_blocks
+    from slmrec.checkpoint import load_meta
+
+    try:
+        meta = load_meta(teacher_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--teacher {config.teacher}: {e}; expected the output of jobs/train_teacher.py") from e
+    depth = int(meta["backbone_config"]["num_hidden_layers"])
+    if config.student_layers > depth:
+        raise SystemExit(f"--student-layers {config.student_layers} is deeper than the teacher ({depth} layers)")
+    try:
+        pair_blocks(depth, config.student_layers, config.blocks)
+    except ValueError as e:
+        raise SystemExit(f"--blocks {config.blocks}: {e}") from e
+    if config.ms_weight > 0 and config.blocks < 2:
+        raise SystemExit("--ms-weight > 0 needs --blocks >= 2 (the extra heads sit on the first B-1 blocks)")
+    return depth
+
+
+def ensure_teacher(config: DistillConfig, output: Path) -> Path:
+    if config.teacher:
+        return resolve_model_dir(config.teacher)
+    from jobs.train_teacher import TeacherConfig, run as run_teacher
+
+    teacher_out = output / "teacher"
+    if not (teacher_out / "best" / "meta.json").is_file() or not (teacher_out / "metrics.json").is_file():
+        print(f"[distill] no --teacher: training one first into {teacher_out}", flush=True)
+        shared = {name: getattr(config, name) for name in (
+            "data", "max_len", "batch_size", "grad_accum", "lr", "weight_decay", "num_workers", "cpus_per_worker",
+            "use_gpu", "deepspeed_config", "seed", "storage_path", "max_failures", "checkpoint_every_steps",
+            "eval_batch_size", "mask_history", "sampled_negatives", "log_every", "item_table", "item_dim",
+            "item_epochs", "backbone", "prompt")}
+        run_teacher(TeacherConfig(output=str(teacher_out), epochs=config.teacher_epochs,
+                                  warmup_steps=max(config.warmup_steps, 1),
+                                  run_name=f"{config.run_name}-teacher" if config.run_name else None, **shared))
+    return teacher_out / "best"
+
+
+def run(config: DistillConfig) -> Path:
+    from jobs.common.data import load_splits
+    from jobs.common.distill_report import write_distill_report
+    from jobs.common.ray_runtime import init_local_ray
+    from jobs.common.trainer import fit, make_spec, run_name_for
+
+    output = Path(config.output).resolve()
+    if config.teacher:
+        validate(config, resolve_model_dir(config.teacher))
+    init_local_ray()
+    teacher_dir = ensure_teacher(config, output)
+    validate(config, teacher_dir)
+    splits = load_splits(config.data, config.max_len)
+    spec = make_spec(config, str(output), splits.users - splits.too_short)
+    weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
+               "norm_mode": config.norm_mode}
+    task_args = {"teacher": str(teacher_dir), "student_layers": config.student_layers, "blocks": config.blocks,
+                 "aux_heads": config.blocks - 1 if config.ms_weight > 0 else 0, "weights": weights,
+                 "student_init": config.student_init, "seed": config.seed}
+    fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
+    write_distill_report(config, output, teacher_dir)
+    print(f"[distill] student -> {output / 'best'}; report -> {output / 'REPORT.md'}", flush=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(DistillConfig, __doc__, argv))
+
+
+if __name__ == "__main__":
+    main()
