@@ -21,7 +21,7 @@ from pathlib import Path
 
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.scoring import score_prepared
-from slmrec.checkpoint import META_FILE
+from slmrec.checkpoint import load_meta
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender
 
@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_config(ScoreConfig, __doc__, argv)
     if Path(config.output).exists():
         sys.exit(f"score: --output {config.output} already exists; choose a new directory")
-    if not (Path(config.model) / META_FILE).exists():
-        sys.exit(f"score: --model {config.model} is not a model checkpoint directory (no {META_FILE})")
+    try:
+        load_meta(config.model)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"score: --model: {e}")
     init_local_ray(num_cpus=config.num_cpus)
     start = time.perf_counter()
     load = functools.partial(Recommender.load, config.model, int8=config.int8,

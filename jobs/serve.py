@@ -35,7 +35,6 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 import asyncio
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from ray import serve
 
 from pipelines.catalog import ItemCatalog
 from pipelines.prepared import SEQUENCES_DIR
-from slmrec.checkpoint import META_FILE
+from slmrec.checkpoint import load_meta
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender
 
@@ -188,10 +187,7 @@ def load_user_histories(prepared: str | Path) -> dict[str, np.ndarray]:
 def _check_vocabulary(model_id: str, path: str, num_items: int) -> None:
     """Refuse at start-up a model trained on another item vocabulary: its indices would
     map to the wrong original ids without any error later."""
-    meta_file = Path(path) / META_FILE
-    if not meta_file.is_file():
-        raise ValueError(f"model {model_id!r}: {path} is not a model checkpoint (no {META_FILE})")
-    model_items = json.loads(meta_file.read_text())["config"]["num_items"]
+    model_items = load_meta(path)["config"]["num_items"]
     if model_items != num_items:
         raise ValueError(f"model {model_id!r} was trained on {model_items} items but the "
                          f"prepared data has {num_items}")

@@ -175,3 +175,25 @@ def test_malformed_json_is_a_422(server):
 def test_unknown_model_in_header_is_a_404(server):
     response = post(server, {"requests": [{"user_id": "u1"}]}, headers={MODEL_HEADER: "zzz"})
     assert response.status_code == 404 and "zzz" in response.text
+
+
+def test_serve_config_file_deploys_this_app():
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.serve import ServeConfig
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "cluster/serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    module, name = app["import_path"].split(":")
+    assert getattr(importlib.import_module(module), name) is build_app
+    ServeConfig(**app["args"])  # every key is a known setting with a valid value
+
+
+def test_unknown_setting_is_refused_by_name():
+    with pytest.raises(ValueError, match="max_batch"):
+        build_app({"model": ["m"], "data": "d", "max_batch": 3})
