@@ -9,8 +9,10 @@ keeps at most max_len + 2 items):
 Histories keep their most recent `max_len` items. All arrays are right-padded with 0,
 the padding index, so the last valid position of a row is `length - 1`.
 
-A user needs at least three items (one training pair, a validation and a test target);
+A user needs at least three items (a history item, a validation and a test target);
 callers drop shorter sequences before batching and count them (`to_arrays` refuses them).
+A user with exactly three items is evaluated but has no training pair: its training row
+is all padding, which the loss ignores.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Iterable, Literal, Sequence
 
 import numpy as np
 
-MIN_SEQUENCE_LENGTH = 3  # one training pair + a validation and a test target
+MIN_SEQUENCE_LENGTH = 3  # a history item + a validation and a test target
 
 Split = Literal["train", "valid", "test"]
 
@@ -53,7 +55,7 @@ def to_arrays(sequences: Iterable[Sequence[int]], split: Split, max_len: int) ->
     short = [len(s) for s in used if len(s) < MIN_SEQUENCE_LENGTH]
     if short:
         raise ValueError(f"{len(short)} sequence(s) shorter than {MIN_SEQUENCE_LENGTH} items "
-                         "(need a training pair, a validation and a test target); filter them first")
+                         "(need a history item, a validation and a test target); filter them first")
     if split == "train":
         pairs = [train_pair(s, max_len) for s in used]
         return {
