@@ -102,15 +102,15 @@ def amazon_2018(inputs: list[str | Path], out_dir: str | Path, block_bytes: int 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         dest = out / (src.name.split(".")[0] + ".parquet")
-        reader = pajson.open_json(
-            pa.input_stream(str(src), compression="detect"),
-            read_options=pajson.ReadOptions(block_size=block_bytes),
-            parse_options=pajson.ParseOptions(explicit_schema=pa.schema(AMAZON_FIELDS),
-                                              unexpected_field_behavior="ignore"))
         schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                             ("rating", pa.float32()), ("timestamp", pa.int64())])
         partial = dest.with_name(dest.name + ".partial")
         try:
+            reader = pajson.open_json(
+                pa.input_stream(str(src), compression="detect"),
+                read_options=pajson.ReadOptions(block_size=block_bytes),
+                parse_options=pajson.ParseOptions(explicit_schema=pa.schema(AMAZON_FIELDS),
+                                                  unexpected_field_behavior="ignore"))
             with pq.ParquetWriter(partial, schema) as writer:
                 for batch in reader:
                     writer.write_table(_log_table(batch["reviewerID"], batch["asin"],
