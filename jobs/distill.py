@@ -80,6 +80,15 @@ def build_task(args: dict):
                        num_blocks=args["blocks"])
 
 
+def task_args(config: DistillConfig, teacher_dir: Path) -> dict:
+    """The picklable arguments of `build_task` (shared with jobs/tune.py's trials)."""
+    weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
+               "norm_mode": config.norm_mode}
+    return {"teacher": str(teacher_dir), "student_layers": config.student_layers, "blocks": config.blocks,
+            "aux_heads": config.blocks - 1 if config.ms_weight > 0 else 0, "weights": weights,
+            "student_init": config.student_init, "seed": config.seed}
+
+
 def validate(config: DistillConfig, teacher_dir: Path) -> int:
     """Fail before any worker starts: teacher files, depths and blocks. Returns the teacher depth."""
     from slmrec.blocks import pair_blocks
@@ -134,12 +143,8 @@ def run(config: DistillConfig) -> Path:
     validate(config, teacher_dir)
     splits = load_splits(config.data, config.max_len)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
-    weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
-               "norm_mode": config.norm_mode}
-    task_args = {"teacher": str(teacher_dir), "student_layers": config.student_layers, "blocks": config.blocks,
-                 "aux_heads": config.blocks - 1 if config.ms_weight > 0 else 0, "weights": weights,
-                 "student_init": config.student_init, "seed": config.seed}
-    fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
+    fit(config, spec, build_task, task_args(config, teacher_dir), splits.as_dict(),
+        run_name_for(config.output, config.run_name))
     write_distill_report(config, output, teacher_dir)
     print(f"[distill] student -> {output / 'best'}; report -> {output / 'REPORT.md'}", flush=True)
     return output

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config
 from jobs.common.flags import TrainFlags
@@ -37,8 +37,9 @@ def run_name_for(output_dir: str, explicit: str | None) -> str:
 
 
 def fit(flags: TrainFlags, spec: TrainSpec, build_task: Callable[[dict], Any], task_args: dict,
-        datasets: dict, run_name: str):
-    """Run the training loop on `flags.num_workers` Ray Train workers; returns the Result."""
+        datasets: dict, run_name: str, callbacks: Sequence[Any] = ()):
+    """Run the training loop on `flags.num_workers` Ray Train workers; returns the Result.
+    `callbacks` are Ray Train UserCallbacks (Tune passes one that forwards each report)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -58,6 +59,6 @@ def fit(flags: TrainFlags, spec: TrainSpec, build_task: Callable[[dict], Any], t
         datasets=datasets,
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=flags.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(callbacks)),
     )
     return trainer.fit()

@@ -76,5 +76,7 @@ def choose_winner(candidates: Iterable[Candidate], max_latency_ms: Optional[floa
 
 def describe_rule(max_latency_ms: Optional[float], tolerance: float) -> str:
     bound = f"latency <= {max_latency_ms:g} ms" if max_latency_ms is not None else "no latency bound"
-    return (f"among trials with a checkpoint and {bound}: the shallowest student whose validation NDCG@10 "
-            f"is within {tolerance:g} of the best (ties: higher NDCG@10, lower latency, smaller trial id)")
+    pick = (f"the shallowest student whose validation NDCG@10 is within {tolerance:g} of the best" if tolerance
+            else "the best validation NDCG@10, the shallowest student on a tie")
+    return (f"among trials with a checkpoint and {bound}: {pick} (further ties: higher NDCG@10, lower "
+            "latency, smaller trial id)")

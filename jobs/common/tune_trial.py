@@ -1,0 +1,94 @@
+"""One Tune trial = one distillation, launched exactly as jobs/distill.py launches it.
+
+Under Ray Train V2 a Tune trial is a function that starts its own TorchTrainer (Train V2
++ Tune guide): the trial process is a light driver, the training workers are scheduled
+by Ray Train. Intermediate results reach Tune through a Train callback
+(`EpochReportsToTune`, built on ray.tune.integration.ray_train.TuneReportCallback): each
+epoch's validation record, as the shared worker loop reports it, is forwarded to the
+trial's Tune session, so ASHA can stop the trial after any epoch. When Tune stops a
+trial, its process dies and with it the TorchTrainer it owns (actors and placement
+groups are fate-shared with their owner).
+
+The teacher is never retrained: every trial loads the same teacher checkpoint.
+
+Latency is measured BEFORE training, on a freshly built student: serving cost depends
+on the architecture (depth, width, item count), not on trained weights, and a trial
+that ASHA stops must still have its latency. It runs in the trial process (CPU) with
+slmrec.speed.measure_inference at one fixed batch size.
+
+Each trial writes OUTPUT/trials/<trial_id>/: trial.json (settings + latency), the worker
+loop's history.json, best/ (the student, a SeqRecommender checkpoint) and, when it ran
+to the end, metrics.json with the test metrics. Its Ray Train run is named
+trial-<trial_id>, so a trial restarted by a resumed sweep continues from its last epoch
+checkpoint instead of starting over.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+OBJECTIVE = "valid/NDCG@10"
+TRIAL_FILE = "trial.json"
+
+
+class EpochReportsToTune(TuneReportCallback):
+    """Forward the worker loop's per-epoch records (and constants of the trial) to Tune.
+
+    Mid-epoch checkpoint reports and the final test report carry no validation metric;
+    forwarding them would hand ASHA results it skips and leave Optuna with a last result
+    lacking the objective (it would mark the trial pruned), so only epoch records go."""
+
+    def __init__(self, extras: dict[str, Any]):
+        super().__init__()
+        self._extras = dict(extras)
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if OBJECTIVE in metrics[0]:
+            super().after_report(run_context, [{**metrics[0], **self._extras}], None)
+
+
+def trial_dirname(trial) -> str:
+    """Tune's directory name for a trial: its id, the same as under OUTPUT/trials/."""
+    return trial.trial_id
+
+
+def measure_latency(task_args: dict, seq_len: int, batch_size: int) -> dict[str, Any]:
+    """p50/p99 latency of one serving call (user vectors + full-ranking top-10 with the
+    history excluded) for `batch_size` users, plus the student's parameter count."""
+    from jobs.distill import build_task
+    from slmrec.speed import measure_inference
+
+    student = build_task(task_args).model
+    row = measure_inference(student, student.config.num_items, seq_len, batch_sizes=(batch_size,))[0]
+    return {"latency_ms": row["latency_ms_p50"], "latency_ms_p99": row["latency_ms_p99"],
+            "latency_batch": batch_size, "params_total": student.parameter_counts()["total"]}
+
+
+def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str, teacher_layers: int,
+              max_blocks: int, splits, trials_dir: str, latency_batch: int) -> None:
+    """Tune function trainable. `sample` is the point Optuna drew; `base` the fixed
+    DistillConfig settings of the sweep (data, epochs, batch size, workers, ...)."""
+    import ray.tune
+
+    from jobs.common.trainer import fit, make_spec
+    from jobs.common.tune_space import effective_params
+    from jobs.distill import DistillConfig, build_task, task_args, validate
+    from slmrec.checkpoint import atomic_write_json
+    from slmrec.config import from_dict
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    out = Path(trials_dir) / trial_id
+    params = effective_params(sample, teacher_layers, max_blocks)
+    config = from_dict(DistillConfig, {**base, **params, "output": str(out), "teacher": teacher_dir,
+                                       "probe": False, "run_name": f"trial-{trial_id}"}, f"trial {trial_id}")
+    validate(config, Path(teacher_dir))
+    args = task_args(config, Path(teacher_dir))
+    latency = measure_latency(args, config.max_len, latency_batch)
+    atomic_write_json(out / TRIAL_FILE, {"trial_id": trial_id, "sample": sample, "params": params,
+                                         "epochs": config.epochs, **latency})
+    spec = make_spec(config, str(out), splits.users - splits.too_short)
+    extras = {"latency_ms": latency["latency_ms"], "student_layers": params["student_layers"],
+              "blocks": params["blocks"]}
+    fit(config, spec, build_task, args, splits.as_dict(), config.run_name, callbacks=[EpochReportsToTune(extras)])

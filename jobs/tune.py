@@ -1,0 +1,256 @@
+"""Stage 2b: search the student's depth, distillation loss weights and learning rate with
+Ray Tune over real distillations, and hand the chosen student over to serving.
+
+Each trial is one jobs/distill.py run (same build_task, validation and Ray Train worker
+loop) against ONE shared teacher checkpoint. Optuna TPE proposes points; ASHA stops
+trials whose validation NDCG@10 (reported every epoch) trails the others at a rung.
+Every trial also measures its student's serving latency at a fixed batch size.
+
+Local (tiny data; 2 trials at a time on 2 CPUs):
+    python jobs/tune.py --data out/tiny --teacher runs/teacher --output runs/tune \\
+        --num-samples 4 --student-layers 1 2 --epochs 3 --batch-size 16 --cpus-per-worker 0.5
+On a cluster (see cluster/tune_example.yaml for a frozen sweep and its command):
+    ray job submit --working-dir . -- python jobs/tune.py --config cluster/tune_example.yaml
+
+Writes OUTPUT/trials.parquet + trials.md (one row per trial), pareto.png (quality vs
+latency, depth labelled), winner.json (rule, settings, scores, "model": the student
+directory that `jobs/serve.py --model PATH` takes as-is) and serve.yaml
+(`python jobs/serve.py --config OUTPUT/serve.yaml`). Winner rule: jobs/common/winner.py.
+Rerunning with the same --output and --name resumes an interrupted sweep (finished
+trials are kept, unfinished ones continue from their last epoch checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.common.flags import DataFlags, TrainFlags  # noqa: E402
+from slmrec.config import field, parse_config  # noqa: E402
+
+
+@dataclass(kw_only=True)
+class TuneConfig(DataFlags, TrainFlags):
+    teacher: str = field(help="teacher: a jobs/train_teacher.py output directory (or its best/), shared by all trials")
+    num_samples: int = field(8, help="trials (points drawn by Optuna TPE)")
+    name: Optional[str] = field(None, help="sweep name; rerunning with the same --output and --name resumes it "
+                                           "(default: the --output directory's name)")
+    student_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6],
+                                      help="student depths to search (each <= the teacher's depth)")
+    blocks: int = field(4, help="most blocks B; each trial uses the largest divisor of gcd(teacher, student "
+                                "depth) <= B, so blocks stay equal on both sides")
+    lr_range: tuple[float, float] = field((1e-4, 3e-3), help="learning rate, log-uniform LO HI (LO == HI: fixed)")
+    cos_range: tuple[float, float] = field((0.1, 10.0), help="direction alignment weight, log-uniform LO HI")
+    l2_range: tuple[float, float] = field((0.01, 1.0), help="norm term weight, log-uniform LO HI")
+    ms_range: tuple[float, float] = field((0.1, 10.0), help="multiple supervision weight, log-uniform LO HI")
+    allow_zero_weights: bool = field(True, help="each loss weight may also be exactly 0 (an on/off switch "
+                                                "sampled with it)")
+    start_points: list[str] = field(default_factory=list, help="JSON points evaluated before Optuna samples, "
+                                    "in distillation terms, e.g. '{\"student_layers\": 4, \"lr\": 0.001, "
+                                    "\"cos_weight\": 1, \"l2_weight\": 0.1, \"ms_weight\": 1}' (the paper's)")
+    norm_mode: Literal["distance", "norm"] = field("distance", help="norm term: ||h_s - h_t|| or | ||h_s|| - ||h_t|| |")
+    student_init: Literal["fresh", "teacher"] = field("fresh", help="fresh student weights or the teacher's first layers")
+    epochs: int = field(5, help="epochs per trial (ASHA's max_t)")
+    warmup_steps: int = field(50, help="linear warm-up steps before cosine decay")
+    grace_period: int = field(1, help="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: int = field(2, help="ASHA: keep the top 1/factor of trials at each rung")
+    max_concurrent: int = field(0, help="trials at once (0: as many as the cluster's CPUs/GPUs fit, see "
+                                        "--trial-cpus and --data-cpus)")
+    trial_cpus: float = field(0.0, help="CPUs reserved for each trial's driver process (it only launches the "
+                                        "TorchTrainer and times the student)")
+    trial_memory_gb: float = field(0.5, help="memory reserved for each trial's driver process (it builds the "
+                                             "student from the teacher checkpoint to time it)")
+    data_cpus: float = field(1.0, help="CPUs kept free for Ray Data read tasks when sizing --max-concurrent 0")
+    latency_batch: int = field(32, help="users per serving call when timing each student")
+    max_latency_ms: Optional[float] = field(None, help="winner: only students at most this slow (p50 at "
+                                                       "--latency-batch)")
+    tolerance: float = field(0.0, help="winner: the shallowest student within this much validation NDCG@10 "
+                                       "of the best feasible one")
+    tune_max_failures: int = field(0, help="times Tune restarts a failed trial")
+
+
+def _ranges(config: TuneConfig):
+    from jobs.common.tune_space import check_range
+
+    lr = check_range("lr", config.lr_range, allow_zero_fixed=False)
+    weights = {name: check_range(name, getattr(config, f"{name}_range"), allow_zero_fixed=True)
+               for name in ("cos", "l2", "ms")}
+    return lr, weights
+
+
+def _start_points(config: TuneConfig) -> list[dict]:
+    import json
+
+    from jobs.common.tune_space import start_point
+
+    lr, weights = _ranges(config)
+    points = []
+    for text in config.start_points:
+        try:
+            point = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--start-points {text!r}: not JSON ({e})") from e
+        if not isinstance(point, dict):
+            raise ValueError(f"--start-points {text!r}: expected a JSON object")
+        points.append(start_point(point, config.student_layers, lr, weights, config.allow_zero_weights))
+    return points
+
+
+def check_config(config: TuneConfig, teacher_layers: int) -> None:
+    """Fail before Ray starts: sample count, depths, ranges, winner bounds."""
+    from jobs.common.tune_space import blocks_for
+
+    if config.num_samples < 1:
+        raise SystemExit(f"--num-samples must be >= 1, got {config.num_samples}")
+    if not config.student_layers or len(set(config.student_layers)) != len(config.student_layers):
+        raise SystemExit(f"--student-layers needs distinct depths, got {config.student_layers}")
+    too_deep = [d for d in config.student_layers if not 1 <= d <= teacher_layers]
+    if too_deep:
+        raise SystemExit(f"--student-layers {too_deep}: must be in 1..{teacher_layers} (the teacher's depth); "
+                         f"valid here: {list(range(1, teacher_layers + 1))}")
+    try:
+        _start_points(config)
+        for depth in config.student_layers:
+            blocks_for(teacher_layers, depth, config.blocks)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if config.tolerance < 0:
+        raise SystemExit(f"--tolerance must be >= 0, got {config.tolerance}")
+    if config.max_latency_ms is not None and config.max_latency_ms <= 0:
+        raise SystemExit(f"--max-latency-ms must be > 0, got {config.max_latency_ms}")
+    if config.grace_period < 1 or config.grace_period > config.epochs or config.reduction_factor < 2:
+        raise SystemExit(f"ASHA needs 1 <= --grace-period <= --epochs and --reduction-factor >= 2, got "
+                         f"{config.grace_period}, {config.epochs}, {config.reduction_factor}")
+
+
+def _base_settings(config: TuneConfig) -> dict:
+    """The sweep's fixed settings, as DistillConfig fields (sampled ones are added per trial)."""
+    shared = {f.name for cls in (DataFlags, TrainFlags) for f in dataclasses.fields(cls)}
+    base = {name: getattr(config, name) for name in shared}
+    base.update(norm_mode=config.norm_mode, student_init=config.student_init, warmup_steps=config.warmup_steps)
+    base.pop("run_name", None)
+    return base
+
+
+def _concurrency(config: TuneConfig) -> int:
+    import ray
+
+    from jobs.common.tune_space import max_concurrent_trials
+
+    if config.max_concurrent > 0:
+        return config.max_concurrent
+    resources = ray.cluster_resources()
+    return max_concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0), config.num_workers,
+                                 config.cpus_per_worker, config.use_gpu, config.trial_cpus, config.data_cpus)
+
+
+def _tuner(config: TuneConfig, trainable, storage: str, name: str, teacher_layers: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from jobs.common.tune_space import search_space
+    from jobs.common.tune_trial import OBJECTIVE, trial_dirname
+
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        print(f"[tune] resuming sweep {path}", flush=True)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    lr, weights = _ranges(config)
+    concurrency = _concurrency(config)
+    print(f"[tune] {config.num_samples} trials, {concurrency} at a time", flush=True)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(config.student_layers, lr, weights, config.allow_zero_weights),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode="max", num_samples=config.num_samples, max_concurrent_trials=concurrency,
+            search_alg=OptunaSearch(points_to_evaluate=_start_points(config) or None, seed=config.seed),
+            # Trials that reach the last epoch must run their final test, so ASHA never
+            # stops at max_t (stop_last_trials=False); it stops only at the rungs below.
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=config.epochs, grace_period=config.grace_period,
+                                    reduction_factor=config.reduction_factor, stop_last_trials=False),
+            trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(name=name, storage_path=storage,
+                                  failure_config=tune.FailureConfig(max_failures=config.tune_max_failures)),
+    )
+
+
+def run(config: TuneConfig) -> Path:
+    """Run (or resume) the sweep and write its outputs; returns the output directory.
+    Exits with a message when the sweep was interrupted or no trial meets the rule."""
+    from jobs.common.data import load_splits
+    from jobs.common.ray_runtime import init_local_ray
+    from jobs.common.tune_report import (candidates, plot_pareto, remove_winner, trial_row, write_table,
+                                         write_winner)
+    from jobs.common.winner import NoFeasibleTrial, choose_winner, describe_rule, pareto_front
+    from jobs.distill import resolve_model_dir
+    from slmrec.checkpoint import load_meta
+
+    output = Path(config.output).resolve()
+    teacher_dir = resolve_model_dir(config.teacher)
+    try:
+        teacher_layers = int(load_meta(teacher_dir)["backbone_config"]["num_hidden_layers"])
+    except FileNotFoundError as e:
+        raise SystemExit(f"--teacher {config.teacher}: {e}; expected the output of jobs/train_teacher.py") from e
+    check_config(config, teacher_layers)
+    name = config.name or output.name
+    storage = config.storage_path or str(output / "ray")
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+    trials_dir = output / "trials"
+
+    init_local_ray()
+    from ray import tune
+
+    from jobs.common.tune_trial import run_trial
+
+    splits = load_splits(config.data, config.max_len)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=_base_settings(config), teacher_dir=str(teacher_dir),
+                             teacher_layers=teacher_layers, max_blocks=config.blocks, splits=splits,
+                             trials_dir=str(trials_dir), latency_batch=config.latency_batch),
+        # Tune needs a non-empty bundle per trial; memory is what the driver really uses,
+        # and reserving no CPU for it leaves the CPUs to the trainers and Ray Data.
+        {"CPU": config.trial_cpus, "memory": config.trial_memory_gb * 2**30})
+    results = _tuner(config, trainable, storage, name, teacher_layers).fit()
+
+    interrupted = results.num_terminated + results.num_errors < config.num_samples
+    rows = [trial_row(trials_dir / Path(r.path).name, str(r.error) if r.error else None, not interrupted)
+            for r in results]
+    front = {c.trial_id for c in pareto_front(candidates(rows))}
+    winner = None
+    problem = None
+    if interrupted:
+        problem = (f"sweep {name} was interrupted ({results.num_terminated + results.num_errors} of "
+                   f"{config.num_samples} trials finished); rerun the same command to resume it")
+    else:
+        try:
+            winner = choose_winner(candidates(rows), config.max_latency_ms, config.tolerance)
+        except NoFeasibleTrial as e:
+            problem = str(e)
+    for row in rows:
+        row["pareto"] = row["trial_id"] in front
+        row["winner"] = winner is not None and row["trial_id"] == winner.trial_id
+    write_table(rows, output, f"Sweep {name}: {len(rows)} trials" + (" (interrupted)" if interrupted else ""))
+    plot_pareto(rows, front, winner.trial_id if winner else None, config.max_latency_ms, output / "pareto.png")
+    if winner is None:
+        remove_winner(output)
+        raise SystemExit(f"[tune] no winner: {problem}")
+    rule = describe_rule(config.max_latency_ms, config.tolerance)
+    win_row = next(r for r in rows if r["trial_id"] == winner.trial_id)
+    write_winner(output, win_row, rule, config.data, {"teacher": str(teacher_dir), "sweep": name})
+    print(f"[tune] winner {winner.trial_id}: {winner.depth} layers, valid NDCG@10 {winner.quality:.4f}, "
+          f"{winner.latency_ms:.2f} ms -> {output / 'winner.json'}; table {output / 'trials.md'}", flush=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_config(TuneConfig, __doc__, argv))
+
+
+if __name__ == "__main__":
+    main()
