@@ -25,6 +25,10 @@ from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, no
                             read_columns, reject_rows)
 
 
+# Scratch files are written once and read once: a fast codec beats a dense one.
+SCRATCH_COMPRESSION = "lz4"
+
+
 def partition_dir(root: str | Path, partition: int) -> Path:
     return Path(root) / f"part-{partition:05d}"
 
@@ -126,7 +130,8 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
             piece = table.slice(start, size)
             start += size
             if p not in writers:
-                writers[p] = pq.ParquetWriter(str(partition_dir(self.root, p) / name), piece.schema)
+                writers[p] = pq.ParquetWriter(str(partition_dir(self.root, p) / name), piece.schema,
+                                              compression=SCRATCH_COMPRESSION)
             writers[p].write_table(piece)
             counts.per_partition[p] += size
 

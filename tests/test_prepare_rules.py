@@ -182,6 +182,10 @@ def test_sequences_order_ties_by_item_id_and_keep_the_most_recent(tmp_path):
     assert got.to_pylist() == [{"user_id": "u", "item_index": [1, 3, 4], "timestamp": [5, 5, 9]}]
     assert got.schema.field("item_index").type == pa.list_(pa.int32())
     assert got.schema.field("timestamp").type == pa.list_(pa.int64())
+    # A partition whose users all fall below min_user writes an empty, well-typed file.
+    none = kernels.sequences(base, vocab, 9, 3, str(tmp_path / "empty.parquet"), pa.string(), SETTINGS)
+    assert none == kernels.SequenceCounts(users=0, interactions=0, kcore_rows=0)
+    assert pq.read_table(tmp_path / "empty.parquet").schema == got.schema
 
 
 def test_item_vocabulary_is_count_descending_then_id_and_starts_at_one():
