@@ -10,8 +10,11 @@ For each model variant (fp32 and its int8 copy) and each batch size B (users per
     each after `warmup` calls; one replica with `cpus` CPUs and as many torch threads.
   - in-process: the same model object class, loaded the same way, called on the same
     batches in a closed loop by one caller with the same number of torch threads.
-Reported: users/s, p50/p99 latency per call, and serve/in-process throughput ratio; plus
-int8/fp32 speed-ups. The load is bounded (a fixed number of calls), so a run always ends.
+Both sides run `rounds` times, alternating, on fresh random histories each round.
+Reported: median users/s over rounds, p50/p99 latency per call over all rounds, the
+serve/in-process throughput ratio (median of the per-round ratios), and int8/fp32
+speed-ups. The load is bounded (a fixed
+number of calls), so a run always ends.
 
 Without --model/--data a student of the given shape is built with random weights and a
 synthetic prepared directory (uniform random histories) is written to a temporary
@@ -79,14 +82,17 @@ def request_batches(catalog: ItemCatalog, batch: int, count: int, length: int,
             for _ in range(count)]
 
 
-def summarise(latencies: list[float], users: int, wall: float) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {"users_per_s": users / wall,
+def summarise(rounds: list[tuple[list[float], int, float]]) -> dict[str, float]:
+    """Median throughput over rounds (each: call latencies, users, wall seconds) and
+    latency percentiles over all calls of all rounds."""
+    ordered = sorted(t for latencies, _, _ in rounds for t in latencies)
+    return {"users_per_s": statistics.median(users / wall for _, users, wall in rounds),
             "p50_ms": 1000 * statistics.median(ordered),
             "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
-def run_in_process(recommender: Recommender, batches, warmup: int, k: int) -> dict[str, float]:
+def run_in_process(recommender: Recommender, batches, warmup: int,
+                   k: int) -> tuple[list[float], int, float]:
     for histories in batches[:warmup]:
         recommender(histories, k, True)
     latencies = []
@@ -95,12 +101,11 @@ def run_in_process(recommender: Recommender, batches, warmup: int, k: int) -> di
         t = time.perf_counter()
         recommender(histories, k, True)
         latencies.append(time.perf_counter() - t)
-    wall = time.perf_counter() - start
-    return summarise(latencies, sum(len(b) for b in batches[warmup:]), wall)
+    return latencies, sum(len(b) for b in batches[warmup:]), time.perf_counter() - start
 
 
 def run_serve(url: str, model_id: str, catalog: ItemCatalog, per_client, warmup: int,
-              k: int) -> dict[str, float]:
+              k: int) -> tuple[list[float], int, float]:
     """Each client thread sends its own list of calls in a closed loop."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -136,7 +141,7 @@ def run_serve(url: str, model_id: str, catalog: ItemCatalog, per_client, warmup:
     wall = time.perf_counter() - start
     if errors:
         raise RuntimeError(f"{len(errors)} failed calls, first: {errors[0]}")
-    return summarise(latencies, sum(len(b) for c in per_client for b in c[warmup:]), wall)
+    return latencies, sum(len(b) for c in per_client for b in c[warmup:]), wall
 
 
 def free_port() -> int:
@@ -152,7 +157,8 @@ def main() -> None:
     parser.add_argument("--data", help="prepared directory matching --model")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--clients", type=int, default=4, help="concurrent closed-loop clients")
-    parser.add_argument("--requests", type=int, default=30, help="timed calls per client")
+    parser.add_argument("--requests", type=int, default=10, help="timed calls per client and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating in-process/Serve rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per client first")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--history", type=int, default=50, help="items per request history")
@@ -197,17 +203,29 @@ def main() -> None:
         for variant, model_id in (("fp32", "m"), ("int8", "m-int8")):
             for batch in args.batch_sizes:
                 calls = args.warmup + args.requests
-                per_client = [request_batches(catalog, batch, calls, args.history, seed=c)
-                              for c in range(args.clients)]
-                # In-process gets every client's calls, one after the other.
-                inproc_batches = (per_client[0][:args.warmup]
-                                  + [b for c in per_client for b in c[args.warmup:]])
-                inproc = run_in_process(local[variant], inproc_batches, args.warmup, args.k)
-                served = run_serve(url, model_id, catalog, per_client, args.warmup, args.k)
+                served_rounds, inproc_rounds = [], []
+                # Alternate the two sides round by round, so a change in the machine's
+                # load hits both and the ratio stays meaningful.
+                for r in range(args.rounds):
+                    per_client = [request_batches(catalog, batch, calls, args.history,
+                                                  seed=1000 * r + c)
+                                  for c in range(args.clients)]
+                    # In-process gets every client's calls, one after the other.
+                    inproc_batches = (per_client[0][:args.warmup]
+                                      + [b for c in per_client for b in c[args.warmup:]])
+                    inproc_rounds.append(run_in_process(local[variant], inproc_batches,
+                                                        args.warmup, args.k))
+                    served_rounds.append(run_serve(url, model_id, catalog, per_client,
+                                                   args.warmup, args.k))
+                served, inproc = summarise(served_rounds), summarise(inproc_rounds)
                 row = {"model": variant, "batch": batch, "clients": args.clients,
+                       "rounds": args.rounds,
                        **{f"serve_{k}": round(v, 2) for k, v in served.items()},
                        **{f"inproc_{k}": round(v, 2) for k, v in inproc.items()},
-                       "ratio": round(served["users_per_s"] / inproc["users_per_s"], 3)}
+                       # Per-round ratios: each compares two runs made back to back.
+                       "ratio": round(statistics.median(
+                           (s[1] / s[2]) / (i[1] / i[2])
+                           for s, i in zip(served_rounds, inproc_rounds)), 3)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:

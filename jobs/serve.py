@@ -251,10 +251,12 @@ class RecommenderService:
                          422: {"description": "invalid field (detail[].loc names it)"}})
     async def recommend(self, body: RecommendBody, request: Request) -> RecommendResponse:
         self._validate(body)
-        model_id = body.model or request.headers.get(MODEL_HEADER) or self.default_model
+        model_id, loc = body.model, ["body", "model"]
+        if model_id is None:
+            model_id, loc = request.headers.get(MODEL_HEADER), ["header", MODEL_HEADER]
+        model_id = model_id or self.default_model
         if model_id not in self.specs:
-            raise field_error(404, ["body", "model"],
-                              f"unknown model {model_id!r}; available: {list(self.specs)}")
+            raise field_error(404, loc, f"unknown model {model_id!r}; available: {list(self.specs)}")
         recommender = await self.get_model(model_id)
         results = await asyncio.gather(*(self._one(r, body, recommender) for r in body.requests))
         return RecommendResponse(model=model_id, results=list(results))

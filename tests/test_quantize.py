@@ -2,6 +2,7 @@
 LoRA exactly, and its answers stay close to fp32 on a test set (reported)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -45,3 +46,18 @@ def test_int8_parity_on_a_test_set():
     same = int8_parity(model, model, histories, targets, k=10)
     assert same["overlap@10"] == 1.0 and same["ndcg@10_delta"] == 0.0
 
+
+
+def test_recommender_loads_an_int8_copy_from_a_checkpoint(tmp_path):
+    from slmrec.recommend import Recommender
+
+    model = tiny_model(seed=6)
+    model.save(tmp_path / "m")
+    loaded = Recommender.load(tmp_path / "m", int8=True)
+    assert count_quantized_linears(loaded.model) == (15, 1)
+    histories = random_histories(16, seed=2)
+    _, fp32_top = Recommender(model)(histories, 5)
+    _, int8_top = loaded(histories, 5)
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 5
+                       for a, b in zip(fp32_top, int8_top)])
+    assert overlap >= 0.8

@@ -175,6 +175,7 @@ def test_malformed_json_is_a_422(server):
 def test_unknown_model_in_header_is_a_404(server):
     response = post(server, {"requests": [{"user_id": "u1"}]}, headers={MODEL_HEADER: "zzz"})
     assert response.status_code == 404 and "zzz" in response.text
+    assert _error_locs(response) == [["header", MODEL_HEADER]]
 
 
 def test_serve_config_file_deploys_this_app():
