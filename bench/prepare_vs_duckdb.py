@@ -8,12 +8,14 @@ Each side runs in its own process; a sampler reads the RSS of that process and a
 descendants (for Ray: driver, GCS, raylet and workers) every 0.2 s. Reported: wall time of
 the whole process (Ray's start included), rows/s, peak RSS of the process tree, and peak
 RSS of the largest single process (for Ray: the largest worker, the number that must stay
-flat as rows grow). Both sides must produce identical counts, or the run fails.
+flat as rows grow), and CPU seconds (user + sys of every process of the tree, last sample of each), which on
+a shared, loaded machine is steadier than wall time. Both sides must produce identical counts, or the run fails.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -29,6 +31,7 @@ PY = sys.executable
 def sample_tree(proc: subprocess.Popen, interval: float = 0.2) -> dict[str, float]:
     """Wait for `proc`, sampling its process tree's memory; return peaks in MiB."""
     peaks = {"tree_rss_mib": 0.0, "max_process_rss_mib": 0.0, "max_worker_rss_mib": 0.0}
+    cpu_by_pid: dict[int, float] = {}
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -40,6 +43,8 @@ def sample_tree(proc: subprocess.Popen, interval: float = 0.2) -> dict[str, floa
             try:
                 rss = p.memory_info().rss / 2**20
                 name = " ".join(p.cmdline()[:1])
+                times = p.cpu_times()
+                cpu_by_pid[p.pid] = times.user + times.system
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             total += rss
@@ -48,10 +53,13 @@ def sample_tree(proc: subprocess.Popen, interval: float = 0.2) -> dict[str, floa
                 peaks["max_worker_rss_mib"] = max(peaks["max_worker_rss_mib"], rss)
         peaks["tree_rss_mib"] = max(peaks["tree_rss_mib"], total)
         time.sleep(interval)
-    return peaks
+    # Last CPU reading of every process seen (the final < interval of each is missed).
+    return {**peaks, "cpu_s": sum(cpu_by_pid.values())}
 
 
 def timed_run(cmd: list[str], log: Path) -> dict:
+    """Run `cmd`, return wall time, memory peaks and the machine's 1-minute load average
+    at the end (this machine is shared: a high load means the times are inflated)."""
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -59,7 +67,7 @@ def timed_run(cmd: list[str], log: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    return {"wall_s": wall, **peaks}
+    return {"wall_s": wall, **peaks, "load_avg_1m": os.getloadavg()[0]}
 
 
 DUCKDB_SIDE = """
@@ -83,7 +91,8 @@ def main() -> None:
     ap.add_argument("--min-user-interactions", type=int, default=5)
     ap.add_argument("--min-item-interactions", type=int, default=5)
     ap.add_argument("--max-len", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=psutil.cpu_count(), help="DuckDB threads and Ray CPUs")
+    ap.add_argument("--threads", type=int, default=psutil.cpu_count(),
+                    help="DuckDB threads (the local Ray instance has 2 CPUs, jobs/common/ray_runtime.py)")
     ap.add_argument("--prepare-args", default="", help="extra flags for jobs/prepare.py, one string")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -121,12 +130,16 @@ def main() -> None:
           f"interactions={ray_stats['interactions']:,} partitions={ray_stats['partitions']} "
           f"kcore_rounds={ray_stats['kcore_rounds']} (counts identical on both sides)")
     print(f"ray in-pipeline seconds: {ray_stats['seconds']}")
-    print("| side | wall s | rows/s | peak RSS tree MiB | peak RSS largest process MiB | peak RSS largest Ray worker MiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"cpus={psutil.cpu_count()}")
+    print("| side | wall s | rows/s | CPU s | peak RSS tree MiB | peak RSS largest process MiB | "
+          "peak RSS largest Ray worker MiB | load avg (1 min) at end |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in (("ray pipeline", ray), ("duckdb alone", duck)):
-        print(f"| {name} | {r['wall_s']:.1f} | {n / r['wall_s']:,.0f} | {r['tree_rss_mib']:,.0f} | "
-              f"{r['max_process_rss_mib']:,.0f} | {r['max_worker_rss_mib']:,.0f} |")
+        print(f"| {name} | {r['wall_s']:.1f} | {n / r['wall_s']:,.0f} | {r['cpu_s']:.1f} | {r['tree_rss_mib']:,.0f} | "
+              f"{r['max_process_rss_mib']:,.0f} | {r['max_worker_rss_mib']:,.0f} | {r['load_avg_1m']:.1f} |")
     ratio = ray["wall_s"] / duck["wall_s"]
+    print(f"CPU-time ratio ray/duckdb: {ray['cpu_s'] / duck['cpu_s']:.2f}x (user+sys of the process tree, "
+          "sampled; steadier than wall time on a loaded machine)")
     print(f"wall-time ratio ray/duckdb: {ratio:.2f}x "
           f"(excluding Ray start-up: {ray_stats['seconds']['total_s'] / duck['wall_s']:.2f}x)")
     if args.json:
