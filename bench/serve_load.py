@@ -26,6 +26,7 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import tempfile
@@ -181,6 +182,7 @@ def main() -> None:
     from jobs.common.ray_runtime import init_local_ray
     from jobs.serve import build_app
 
+    load_at_start = os.getloadavg()
     tmp = tempfile.TemporaryDirectory()
     model_path, data = ((Path(args.model), Path(args.data)) if args.model
                         else synthetic_setup(Path(tmp.name), args))
@@ -233,8 +235,12 @@ def main() -> None:
         tmp.cleanup()
 
     print_table(rows)
+    # Other work on the machine moves these numbers; the load average says how much.
+    load = {"load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
+    print(json.dumps(load))
     if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2))
+        Path(args.output).write_text(json.dumps({"settings": vars(args), **load, "rows": rows},
+                                                indent=2))
 
 
 def print_table(rows: list[dict]) -> None:

@@ -198,3 +198,14 @@ def test_serve_config_file_deploys_this_app():
 def test_unknown_setting_is_refused_by_name():
     with pytest.raises(ValueError, match="max_batch"):
         build_app({"model": ["m"], "data": "d", "max_batch": 3})
+
+
+def test_repeated_model_flags_are_all_kept():
+    from jobs.serve import ServeConfig, merge_repeated_flag, model_specs
+    from slmrec.config import parse_config
+
+    argv = merge_repeated_flag(["--model", "a=/x", "--data", "d", "--model", "/y/b",
+                                "--quantize", "both"])
+    specs = model_specs(parse_config(ServeConfig, "", argv))
+    assert specs == {"a": ("/x", False), "a-int8": ("/x", True),
+                     "b": ("/y/b", False), "b-int8": ("/y/b", True)}
