@@ -121,7 +121,7 @@ def ensure_teacher(config: DistillConfig, output: Path) -> Path:
         shared = {name: getattr(config, name) for name in (
             "data", "max_len", "batch_size", "grad_accum", "lr", "weight_decay", "num_workers", "cpus_per_worker",
             "use_gpu", "deepspeed_config", "seed", "storage_path", "max_failures", "checkpoint_every_steps",
-            "eval_batch_size", "mask_history", "sampled_negatives", "log_every", "item_table", "item_dim",
+            "eval_batch_size", "mask_history", "sampled_negatives", "log_every", "fail_after_steps", "item_table", "item_dim",
             "item_epochs", "backbone", "prompt")}
         run_teacher(TeacherConfig(output=str(teacher_out), epochs=config.teacher_epochs,
                                   warmup_steps=max(config.warmup_steps, 1),

@@ -45,7 +45,7 @@ def _plot_steps(steps: list[dict[str, float]], path: Path) -> None:
 def _sample_batches(dataset, users: int, batch: int) -> list[dict[str, torch.Tensor]]:
     rows = dataset.take_batch(users, batch_format="numpy")
     n = len(rows["items"])
-    return [{k: torch.as_tensor(v[i:i + batch]) for k, v in rows.items()} for i in range(0, n, batch)]
+    return [{k: torch.tensor(v[i:i + batch]) for k, v in rows.items()} for i in range(0, n, batch)]
 
 
 def _probe(teacher: SeqRecommender, splits, seed: int, output: Path) -> dict[str, Any]:

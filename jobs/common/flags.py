@@ -41,6 +41,8 @@ class TrainFlags:
                                            "(the generative-recommenders protocol does not)")
     sampled_negatives: int = field(999, help="negatives of the sampled protocol (target + N uniform non-history)")
     log_every: int = field(20, help="progress line every N steps")
+    fail_after_steps: int = field(0, help="fault injection for resume tests: raise after N optimiser steps "
+                                          "(0: never)")
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: 
         grad_accum=flags.grad_accum, train_rows=train_rows, ds_config=ds_config,
         eval_batch=flags.eval_batch_size, mask_history=flags.mask_history,
         sampled_negatives=flags.sampled_negatives, seed=flags.seed, log_every=flags.log_every,
-        checkpoint_every_steps=flags.checkpoint_every_steps)
+        checkpoint_every_steps=flags.checkpoint_every_steps, stop_after_steps=flags.fail_after_steps)
     for key, value in overrides.items():
         setattr(spec, key, value)
     return spec

@@ -1,0 +1,122 @@
+"""End to end through real Ray Train + DeepSpeed on tiny data: the teacher job with two
+workers, resume after a failure, and the distillation job with every loss term on."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.distill import DistillConfig, run as run_distill
+from jobs.pretrain_items import load_item_table
+from jobs.train_teacher import TeacherConfig, run as run_teacher
+from slmrec.backbones import BackboneConfig
+from slmrec.checkpoint import save_checkpoint
+from slmrec.model import SeqRecommender
+
+TINY = dict(max_len=12, batch_size=8, warmup_steps=2, cpus_per_worker=0.5, eval_batch_size=64, log_every=4,
+            lr=1e-2, item_dim=16)
+
+
+def _item_table(path: Path, num_items: int) -> Path:
+    torch.manual_seed(0)
+    table = torch.randn(num_items + 1, 16) * 0.3
+    table[0] = 0
+    save_checkpoint(path, {"item_table": table}, {"format": "slmrec.ItemTable/1", "num_items": num_items,
+                                                  "item_dim": 16})
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_run(ray_session, tiny_prepared, tmp_path_factory):
+    """A 4-layer scratch teacher trained by two DeepSpeed (ZeRO-2) workers."""
+    out = tmp_path_factory.mktemp("teacher") / "run"
+    table = _item_table(out.parent / "items", 30)
+    config = TeacherConfig(data=str(tiny_prepared), output=str(out), epochs=3, num_workers=2,
+                           deepspeed_config="cluster/deepspeed/zero2.json", item_table=str(table),
+                           backbone=BackboneConfig(layers=4, hidden=16, heads=2), **TINY)
+    run_teacher(config)
+    return out
+
+
+def test_teacher_two_workers_lowers_loss_and_reports(teacher_run):
+    metrics = json.loads((teacher_run / "metrics.json").read_text())
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert history[-1]["train/total"] < history[0]["train/total"]
+    assert metrics["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert metrics["deepspeed"]["train_batch_size"] == 8 * 2  # micro x workers
+    final = metrics["final"]
+    for protocol in ("test_full", "test_sampled999"):
+        assert 0.0 <= final[f"{protocol}/NDCG@10"] <= 1.0
+    # The saved best model is the one that scored best on validation.
+    assert final["best_epoch"] == 1 + max(range(3), key=lambda i: history[i]["valid/NDCG@10"])
+    for name in ("REPORT.md", "report.json", "training_curve.png"):
+        assert (teacher_run / name).is_file(), name
+    model = SeqRecommender.load(teacher_run / "best")
+    assert model.depth == 4
+    # The item table stayed frozen through DeepSpeed training.
+    assert torch.equal(model.item_table, load_item_table(teacher_run.parent / "items", 30))
+
+
+def test_teacher_resumes_after_failure(ray_session, tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    table = _item_table(tmp_path / "items", 30)
+    common = dict(data=str(tiny_prepared), output=str(out), epochs=2, item_table=str(table),
+                  backbone=BackboneConfig(layers=1, hidden=16, heads=2), **TINY)
+    # 64 users / batch 8 = 8 steps per epoch: fail in epoch 2, after epoch 1's checkpoint.
+    with pytest.raises(Exception, match="fault injection"):
+        run_teacher(TeacherConfig(fail_after_steps=11, **common))
+    first_epoch = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in first_epoch] == [1]
+    run_teacher(TeacherConfig(**common))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    # Epoch 1 came from the checkpoint, not from training again.
+    assert history[0] == first_epoch[0]
+
+
+def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
+    out = tmp_path / "student"
+    config = DistillConfig(data=str(tiny_prepared), teacher=str(teacher_run), output=str(out), student_layers=2,
+                           blocks=2, epochs=2, num_workers=1, **TINY)
+    run_distill(config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["steps"]
+    assert steps, "per-step loss terms are logged"
+    for term in ("ce", "cos", "l2", "ms"):
+        assert all(s[term] > 0 for s in steps), f"{term} is computed at every logged step"
+    first, last = metrics["history"][0], metrics["history"][-1]
+    assert last["train/cos"] < first["train/cos"], "alignment moves the student toward the teacher"
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["parameters"]) == {"teacher", "student"}
+    assert report["parameters"]["student"]["total"] < report["parameters"]["teacher"]["total"]
+    assert {(r["model"], r["protocol"]) for r in report["metrics"]} == {
+        (m, p) for m in ("teacher", "student") for p in ("full", "sampled999")}
+    assert [r["batch_size"] for r in report["inference"]["student"]] == [1, 32, 256]
+    assert [r["layer"] for r in next(iter(report["probe"].values()))] == [1, 2, 3, 4]
+    assert report["epoch_seconds"]["student"] and report["epoch_seconds"]["teacher"]
+    for name in ("REPORT.md", "loss_terms.png", "training_curve.png", "layer_probe.png"):
+        assert (out / name).is_file(), name
+    student = SeqRecommender.load(out / "best")
+    assert student.depth == 2 and len(student.aux_heads) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"student_layers": 6}, "deeper than the teacher"),
+    ({"student_layers": 3, "blocks": 2}, "--blocks 2"),
+    ({"student_layers": 2, "blocks": 1}, "--ms-weight > 0 needs --blocks >= 2"),
+])
+def test_distill_bad_flags_fail_before_training(teacher_run, tiny_prepared, tmp_path, flags, message):
+    config = DistillConfig(data=str(tiny_prepared), teacher=str(teacher_run), output=str(tmp_path / "x"), **flags)
+    with pytest.raises(SystemExit, match=message):
+        run_distill(config)
+    assert not (tmp_path / "x").exists()
+
+
+def test_distill_missing_teacher_files(tiny_prepared, tmp_path):
+    (tmp_path / "teacher").mkdir()
+    config = DistillConfig(data=str(tiny_prepared), teacher=str(tmp_path / "teacher"), output=str(tmp_path / "x"))
+    with pytest.raises(SystemExit, match="expected the output of jobs/train_teacher.py"):
+        run_distill(config)
