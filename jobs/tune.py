@@ -4,7 +4,9 @@ Ray Tune over real distillations, and hand the chosen student over to serving.
 Each trial is one jobs/distill.py run (same build_task, validation and Ray Train worker
 loop) against ONE shared teacher checkpoint. Optuna TPE proposes points; ASHA stops
 trials whose validation NDCG@10 (reported every epoch) trails the others at a rung.
-Every trial also measures its student's serving latency at a fixed batch size.
+Every trial also measures its student's serving latency at a fixed batch size and
+reports it; after the sweep the driver times each depth again, alone (trials running
+side by side disturb each other's timings), and the plot and winner use that figure.
 
 Local (tiny data; 2 trials at a time on 2 CPUs):
     python jobs/tune.py --data out/tiny --teacher runs/teacher --output runs/tune \\
@@ -66,6 +68,8 @@ class TuneConfig(DataFlags, TrainFlags):
                                              "student from the teacher checkpoint to time it)")
     data_cpus: float = field(1.0, help="CPUs kept free for Ray Data read tasks when sizing --max-concurrent 0")
     latency_batch: int = field(32, help="users per serving call when timing each student")
+    latency_threads: int = field(1, help="CPU threads when timing each student (a Serve replica's default "
+                                         "is one CPU)")
     max_latency_ms: Optional[float] = field(None, help="winner: only students at most this slow (p50 at "
                                                        "--latency-batch)")
     tolerance: float = field(0.0, help="winner: the shallowest student within this much validation NDCG@10 "
@@ -118,6 +122,9 @@ def check_config(config: TuneConfig, teacher_layers: int) -> None:
             blocks_for(teacher_layers, depth, config.blocks)
     except ValueError as e:
         raise SystemExit(str(e)) from e
+    if config.latency_batch < 1 or config.latency_threads < 1:
+        raise SystemExit(f"--latency-batch and --latency-threads must be >= 1, got {config.latency_batch} "
+                         f"and {config.latency_threads}")
     if config.tolerance < 0:
         raise SystemExit(f"--tolerance must be >= 0, got {config.tolerance}")
     if config.max_latency_ms is not None and config.max_latency_ms <= 0:
@@ -134,6 +141,26 @@ def _base_settings(config: TuneConfig) -> dict:
     base.update(norm_mode=config.norm_mode, student_init=config.student_init, warmup_steps=config.warmup_steps)
     base.pop("run_name", None)
     return base
+
+
+# Settings a finished or interrupted sweep may be rerun with changed: they only choose the
+# winner among trials already run. Everything else must match, or the resumed sweep
+# would silently mix trials of two different searches.
+RESELECTABLE = ("max_latency_ms", "tolerance")
+
+
+def check_same_sweep(config: TuneConfig, settings_file: Path) -> None:
+    """On resume, the sweep's settings must be those it started with (saved at start)."""
+    import json
+
+    current = json.loads(json.dumps(dataclasses.asdict(config)))
+    saved = json.loads(settings_file.read_text())
+    changed = sorted(k for k in set(current) | set(saved)
+                     if k not in RESELECTABLE and current.get(k) != saved.get(k))
+    if changed:
+        raise SystemExit(f"sweep settings differ from those {settings_file} was started with: "
+                         + ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+                         + "; rerun with the original settings to resume, or pick a new --name")
 
 
 def _concurrency(config: TuneConfig) -> int:
@@ -184,11 +211,11 @@ def run(config: TuneConfig) -> Path:
     Exits with a message when the sweep was interrupted or no trial meets the rule."""
     from jobs.common.data import load_splits
     from jobs.common.ray_runtime import init_local_ray
-    from jobs.common.tune_report import (candidates, plot_pareto, remove_winner, trial_row, write_table,
-                                         write_winner)
+    from jobs.common.tune_report import (add_driver_latency, candidates, plot_pareto, remove_winner, trial_row,
+                                         write_table, write_winner)
     from jobs.common.winner import NoFeasibleTrial, choose_winner, describe_rule, pareto_front
     from jobs.distill import resolve_model_dir
-    from slmrec.checkpoint import load_meta
+    from slmrec.checkpoint import atomic_write_json, load_meta
 
     output = Path(config.output).resolve()
     teacher_dir = resolve_model_dir(config.teacher)
@@ -202,6 +229,12 @@ def run(config: TuneConfig) -> Path:
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
     trials_dir = output / "trials"
+    settings_file = output / f"sweep-{name}.json"
+    if settings_file.is_file():
+        check_same_sweep(config, settings_file)
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(settings_file, dataclasses.asdict(config))
 
     init_local_ray()
     from ray import tune
@@ -212,7 +245,8 @@ def run(config: TuneConfig) -> Path:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=_base_settings(config), teacher_dir=str(teacher_dir),
                              teacher_layers=teacher_layers, max_blocks=config.blocks, splits=splits,
-                             trials_dir=str(trials_dir), latency_batch=config.latency_batch),
+                             trials_dir=str(trials_dir), latency_batch=config.latency_batch,
+                             latency_threads=config.latency_threads),
         # Tune needs a non-empty bundle per trial; memory is what the driver really uses,
         # and reserving no CPU for it leaves the CPUs to the trainers and Ray Data.
         {"CPU": config.trial_cpus, "memory": config.trial_memory_gb * 2**30})
@@ -221,6 +255,7 @@ def run(config: TuneConfig) -> Path:
     interrupted = results.num_terminated + results.num_errors < config.num_samples
     rows = [trial_row(trials_dir / Path(r.path).name, str(r.error) if r.error else None, not interrupted)
             for r in results]
+    add_driver_latency(rows, config.max_len, config.latency_batch, config.latency_threads)
     front = {c.trial_id for c in pareto_front(candidates(rows))}
     winner = None
     problem = None

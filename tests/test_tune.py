@@ -142,7 +142,9 @@ def test_sweep_stops_bad_trial_and_hands_over_winner(ray_session, prepared, teac
     assert any(r["status"] == "completed" and r["epochs_run"] == config.epochs for r in rows)
     assert by_lr[GOOD[1]["lr"]]["ms_weight"] == 0 and by_lr[GOOD[1]["lr"]]["blocks"] == 1
     for r in rows:
-        assert r["latency_ms"] > 0 and r["latency_batch"] == 32
+        assert r["latency_ms"] > 0 and r["trial_latency_ms"] > 0 and r["latency_batch"] == 32
+        # The driver times each depth once, so equal architectures get equal figures.
+        assert r["latency_ms"] == next(o["latency_ms"] for o in rows if o["student_layers"] == r["student_layers"])
         assert r["checkpoint"] is not None, "every trial ran at least one epoch and saved its best student"
     assert (out / "trials.md").read_text().count("\n| ") == 4 + 1  # header + one line per trial
     assert (out / "pareto.png").stat().st_size > 0
@@ -169,6 +171,21 @@ def test_no_feasible_trial_writes_table_but_no_winner(ray_session, prepared, tea
     assert not (out / "winner.json").exists() and not (out / "serve.yaml").exists()
 
 
+def test_resume_refuses_changed_settings(tmp_path):
+    from dataclasses import asdict
+
+    from jobs.tune import check_same_sweep
+
+    config = _config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=4)
+    saved = tmp_path / "sweep.json"
+    saved.write_text(json.dumps(asdict(config)))
+    check_same_sweep(config, saved)
+    check_same_sweep(_config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=4, tolerance=0.01,
+                             max_latency_ms=5.0), saved)  # only the winner rule changed: allowed
+    with pytest.raises(SystemExit, match=r"num_samples: 4 -> 8.*pick a new --name"):
+        check_same_sweep(_config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=8), saved)
+
+
 def test_bad_depth_fails_before_ray(teacher, tmp_path):
     config = _config(tmp_path, teacher, tmp_path / "x", student_layers=[1, 4])
     with pytest.raises(SystemExit, match=r"--student-layers \[4\]: must be in 1\.\.2"):
@@ -177,23 +194,28 @@ def test_bad_depth_fails_before_ray(teacher, tmp_path):
 
 def test_interrupted_sweep_resumes_with_same_name(ray_session, prepared, teacher, tmp_path):
     """SIGINT the sweep (a separate driver on the session's Ray) once its first trial has
-    finished; rerunning with the same name completes it without rerunning that trial."""
+    finished and the second started (one at a time, so Tune has recorded the first as
+    done); rerunning with the same name completes it without rerunning the first."""
+    from slmrec.config import parse_config
+
     out = tmp_path / "resumable"
-    config = _config(prepared, teacher, out, num_samples=2, epochs=2, max_concurrent=1, name="resume-me")
+    config = _config(prepared, teacher, out, num_samples=2, epochs=2, max_concurrent=1, name="resume-me",
+                     log_every=20)
     argv = [sys.executable, str(ROOT / "jobs/tune.py"), "--data", config.data, "--teacher", config.teacher,
             "--output", config.output, "--name", "resume-me", "--num-samples", "2", "--epochs", "2",
             "--max-concurrent", "1", "--max-len", "12", "--batch-size", "16", "--warmup-steps", "1",
             "--cpus-per-worker", "0.5", "--student-layers", "1", "2", "--blocks", "2",
             "--lr-range", "1e-6", "5e-2", "--cos-range", "0.1", "1", "--l2-range", "0.01", "0.1",
             "--ms-range", "0.1", "1"]
+    assert parse_config(TuneConfig, "", argv[2:]) == config
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_done = None
-    deadline = time.time() + 300
-    while first_done is None and time.time() < deadline and driver.poll() is None:
+    deadline = time.time() + 600
+    while len(list(out.glob("trials/*/trial.json"))) < 2 and time.time() < deadline and driver.poll() is None:
         time.sleep(1)
-        first_done = next(iter((out / "trials").glob("*/metrics.json")), None) if (out / "trials").is_dir() else None
-    assert first_done is not None, "the first trial did not finish in time"
+    done = list(out.glob("trials/*/metrics.json"))
+    assert len(done) == 1, "expected the first trial finished and the second running"
+    first_done = done[0]
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=120) != 0, "an interrupted sweep must not report success"
     assert not (out / "winner.json").exists()

@@ -17,7 +17,7 @@ from jobs.common.winner import Candidate
 from slmrec.checkpoint import atomic_write_json, atomic_write_text
 
 COLUMNS = ["trial_id", "status", "student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight",
-           "epochs_run", "best_epoch", "valid_NDCG@10", "latency_ms", "params_total", "test_full/NDCG@10",
+           "epochs_run", "best_epoch", "valid_NDCG@10", "latency_ms", "trial_latency_ms", "params_total", "test_full/NDCG@10",
            "pareto", "winner", "checkpoint"]
 
 
@@ -40,13 +40,34 @@ def trial_row(trial_dir: Path, error: Optional[str], finished: bool) -> dict[str
         "epochs_run": len(history), "epochs": info.get("epochs"),
         "best_epoch": history[best]["epoch"] if best is not None else None,
         "valid_NDCG@10": valid[best] if best is not None else math.nan,
-        "latency_ms": info.get("latency_ms", math.nan), "latency_ms_p99": info.get("latency_ms_p99", math.nan),
-        "latency_batch": info.get("latency_batch"), "params_total": info.get("params_total"),
+        "latency_ms": math.nan, "latency_ms_p99": math.nan,  # filled by add_driver_latency
+        "trial_latency_ms": info.get("latency_ms", math.nan), "latency_batch": info.get("latency_batch"),
+        "params_total": info.get("params_total"),
         "test_full/NDCG@10": (metrics or {}).get("final", {}).get("test_full/NDCG@10", math.nan),
         "checkpoint": str(checkpoint) if (checkpoint / "meta.json").is_file() else None,
         "error": error,
     }
     return row
+
+
+def add_driver_latency(rows: list[dict[str, Any]], seq_len: int, batch_size: int,
+                       threads: int) -> dict[int, dict[str, Any]]:
+    """Time one student per depth, one after the other in this process, and give every
+    trial of that depth the figure. Latency is a property of the architecture (aux heads
+    are not used in serving); timing each depth once, alone, keeps the comparison
+    between depths free of the load of trials that happened to run alongside."""
+    from jobs.common.tune_trial import time_student
+    from slmrec.model import SeqRecommender
+
+    timed: dict[int, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["trial_id"]):
+        depth = row.get("student_layers")
+        if row["checkpoint"] and depth not in timed:
+            timed[depth] = time_student(SeqRecommender.load(row["checkpoint"]).eval(), seq_len, batch_size,
+                                        threads, repeats=20)
+    for row in rows:
+        row.update(timed.get(row.get("student_layers"), {}))
+    return timed
 
 
 def candidates(rows: Iterable[dict[str, Any]]) -> list[Candidate]:
@@ -117,6 +138,7 @@ def write_winner(output: Path, row: dict[str, Any], rule: str, data: str, extra:
         "model": row["checkpoint"], "rule": rule, "trial_id": row["trial_id"],
         "config": {k: row.get(k) for k in ("student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight")},
         "valid_NDCG@10": row["valid_NDCG@10"], "latency_ms": row["latency_ms"], "latency_batch": row["latency_batch"],
+        "trial_latency_ms": row["trial_latency_ms"],
         "test_full/NDCG@10": row["test_full/NDCG@10"], "status": row["status"], **extra})
     atomic_write_text(output / "serve.yaml", yaml.safe_dump({"model": [f"winner={row['checkpoint']}"], "data": data}))
 

@@ -14,7 +14,10 @@ The teacher is never retrained: every trial loads the same teacher checkpoint.
 Latency is measured BEFORE training, on a freshly built student: serving cost depends
 on the architecture (depth, width, item count), not on trained weights, and a trial
 that ASHA stops must still have its latency. It runs in the trial process (CPU) with
-slmrec.speed.measure_inference at one fixed batch size.
+slmrec.speed.measure_inference at one fixed batch size and is reported to Tune with
+every epoch. Trials running side by side disturb each other's timings, so the sweep's
+driver times each depth again, alone, after the sweep (jobs/common/tune_report.py);
+that figure is the one the winner rule and the plot use.
 
 Each trial writes OUTPUT/trials/<trial_id>/: trial.json (settings + latency), the worker
 loop's history.json, best/ (the student, a SeqRecommender checkpoint) and, when it ran
@@ -54,20 +57,38 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def measure_latency(task_args: dict, seq_len: int, batch_size: int) -> dict[str, Any]:
+def time_student(student, seq_len: int, batch_size: int, threads: int, repeats: int = 10) -> dict[str, Any]:
     """p50/p99 latency of one serving call (user vectors + full-ranking top-10 with the
-    history excluded) for `batch_size` users, plus the student's parameter count."""
-    from jobs.distill import build_task
+    history excluded) for `batch_size` users of `seq_len` items, on `threads` CPU threads.
+    The thread count is fixed because torch's default (all cores, or what Ray's
+    OMP_NUM_THREADS says for the process) differs between a trial and the driver, and
+    on a busy machine more threads can be many times slower (measured here, 2 cores at
+    load ~50-60: the same 2-layer student took 214 ms with 2 threads, 17 ms with 1)."""
+    import torch
+
     from slmrec.speed import measure_inference
 
-    student = build_task(task_args).model
-    row = measure_inference(student, student.config.num_items, seq_len, batch_sizes=(batch_size,))[0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        row = measure_inference(student, student.config.num_items, seq_len, batch_sizes=(batch_size,),
+                                warmup=3, repeats=repeats)[0]
+    finally:
+        torch.set_num_threads(before)
     return {"latency_ms": row["latency_ms_p50"], "latency_ms_p99": row["latency_ms_p99"],
-            "latency_batch": batch_size, "params_total": student.parameter_counts()["total"]}
+            "latency_batch": batch_size, "latency_threads": threads}
+
+
+def measure_latency(task_args: dict, seq_len: int, batch_size: int, threads: int) -> dict[str, Any]:
+    """The trial's own timing of its (untrained) student, plus its parameter count."""
+    from jobs.distill import build_task
+
+    student = build_task(task_args).model
+    return {**time_student(student, seq_len, batch_size, threads), "params_total": student.parameter_counts()["total"]}
 
 
 def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str, teacher_layers: int,
-              max_blocks: int, splits, trials_dir: str, latency_batch: int) -> None:
+              max_blocks: int, splits, trials_dir: str, latency_batch: int, latency_threads: int) -> None:
     """Tune function trainable. `sample` is the point Optuna drew; `base` the fixed
     DistillConfig settings of the sweep (data, epochs, batch size, workers, ...)."""
     import ray.tune
@@ -85,7 +106,7 @@ def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str,
                                        "probe": False, "run_name": f"trial-{trial_id}"}, f"trial {trial_id}")
     validate(config, Path(teacher_dir))
     args = task_args(config, Path(teacher_dir))
-    latency = measure_latency(args, config.max_len, latency_batch)
+    latency = measure_latency(args, config.max_len, latency_batch, latency_threads)
     atomic_write_json(out / TRIAL_FILE, {"trial_id": trial_id, "sample": sample, "params": params,
                                          "epochs": config.epochs, **latency})
     spec = make_spec(config, str(out), splits.users - splits.too_short)
