@@ -175,7 +175,7 @@ def _concurrency(config: TuneConfig) -> int:
                                  config.cpus_per_worker, config.use_gpu, config.trial_cpus, config.data_cpus)
 
 
-def _tuner(config: TuneConfig, trainable, storage: str, name: str, teacher_layers: int):
+def _tuner(config: TuneConfig, trainable, storage: str, name: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -206,14 +206,42 @@ def _tuner(config: TuneConfig, trainable, storage: str, name: str, teacher_layer
     )
 
 
+def write_outputs(config: TuneConfig, output: Path, name: str, rows: list[dict], problem: Optional[str],
+                  extra: dict) -> None:
+    """Time each depth, then table, plot and (unless `problem` or no feasible trial)
+    the winner; exits with the reason when there is no winner."""
+    from jobs.common.tune_report import (add_driver_latency, candidates, plot_pareto, remove_winner, write_table,
+                                         write_winner)
+    from jobs.common.winner import NoFeasibleTrial, choose_winner, describe_rule, pareto_front
+
+    add_driver_latency(rows, config.max_len, config.latency_batch, config.latency_threads)
+    front = {c.trial_id for c in pareto_front(candidates(rows))}
+    winner = None
+    if problem is None:
+        try:
+            winner = choose_winner(candidates(rows), config.max_latency_ms, config.tolerance)
+        except NoFeasibleTrial as e:
+            problem = str(e)
+    for row in rows:
+        row["pareto"] = row["trial_id"] in front
+        row["winner"] = winner is not None and row["trial_id"] == winner.trial_id
+    write_table(rows, output, f"Sweep {name}: {len(rows)} trials" + (f" ({problem})" if problem else ""))
+    plot_pareto(rows, front, winner.trial_id if winner else None, config.max_latency_ms, output / "pareto.png")
+    if winner is None:
+        remove_winner(output)
+        raise SystemExit(f"[tune] no winner: {problem}")
+    win_row = next(r for r in rows if r["trial_id"] == winner.trial_id)
+    write_winner(output, win_row, describe_rule(config.max_latency_ms, config.tolerance), config.data, extra)
+    print(f"[tune] winner {winner.trial_id}: {winner.depth} layers, valid NDCG@10 {winner.quality:.4f}, "
+          f"{winner.latency_ms:.2f} ms -> {output / 'winner.json'}; table {output / 'trials.md'}", flush=True)
+
+
 def run(config: TuneConfig) -> Path:
     """Run (or resume) the sweep and write its outputs; returns the output directory.
     Exits with a message when the sweep was interrupted or no trial meets the rule."""
     from jobs.common.data import load_splits
     from jobs.common.ray_runtime import init_local_ray
-    from jobs.common.tune_report import (add_driver_latency, candidates, plot_pareto, remove_winner, trial_row,
-                                         write_table, write_winner)
-    from jobs.common.winner import NoFeasibleTrial, choose_winner, describe_rule, pareto_front
+    from jobs.common.tune_report import trial_row
     from jobs.distill import resolve_model_dir
     from slmrec.checkpoint import atomic_write_json, load_meta
 
@@ -250,36 +278,15 @@ def run(config: TuneConfig) -> Path:
         # Tune needs a non-empty bundle per trial; memory is what the driver really uses,
         # and reserving no CPU for it leaves the CPUs to the trainers and Ray Data.
         {"CPU": config.trial_cpus, "memory": config.trial_memory_gb * 2**30})
-    results = _tuner(config, trainable, storage, name, teacher_layers).fit()
+    results = _tuner(config, trainable, storage, name).fit()
 
-    interrupted = results.num_terminated + results.num_errors < config.num_samples
+    finished = results.num_terminated + results.num_errors
+    interrupted = finished < config.num_samples
     rows = [trial_row(trials_dir / Path(r.path).name, str(r.error) if r.error else None, not interrupted)
             for r in results]
-    add_driver_latency(rows, config.max_len, config.latency_batch, config.latency_threads)
-    front = {c.trial_id for c in pareto_front(candidates(rows))}
-    winner = None
-    problem = None
-    if interrupted:
-        problem = (f"sweep {name} was interrupted ({results.num_terminated + results.num_errors} of "
-                   f"{config.num_samples} trials finished); rerun the same command to resume it")
-    else:
-        try:
-            winner = choose_winner(candidates(rows), config.max_latency_ms, config.tolerance)
-        except NoFeasibleTrial as e:
-            problem = str(e)
-    for row in rows:
-        row["pareto"] = row["trial_id"] in front
-        row["winner"] = winner is not None and row["trial_id"] == winner.trial_id
-    write_table(rows, output, f"Sweep {name}: {len(rows)} trials" + (" (interrupted)" if interrupted else ""))
-    plot_pareto(rows, front, winner.trial_id if winner else None, config.max_latency_ms, output / "pareto.png")
-    if winner is None:
-        remove_winner(output)
-        raise SystemExit(f"[tune] no winner: {problem}")
-    rule = describe_rule(config.max_latency_ms, config.tolerance)
-    win_row = next(r for r in rows if r["trial_id"] == winner.trial_id)
-    write_winner(output, win_row, rule, config.data, {"teacher": str(teacher_dir), "sweep": name})
-    print(f"[tune] winner {winner.trial_id}: {winner.depth} layers, valid NDCG@10 {winner.quality:.4f}, "
-          f"{winner.latency_ms:.2f} ms -> {output / 'winner.json'}; table {output / 'trials.md'}", flush=True)
+    problem = (f"sweep {name} was interrupted ({finished} of {config.num_samples} trials finished); rerun the "
+               "same command to resume it") if interrupted else None
+    write_outputs(config, output, name, rows, problem, {"teacher": str(teacher_dir), "sweep": name})
     return output
 
 

@@ -160,15 +160,47 @@ def test_sweep_stops_bad_trial_and_hands_over_winner(ray_session, prepared, teac
     assert serve.model == [f"winner={winner['model']}"] and serve.data == str(prepared)
 
 
-def test_no_feasible_trial_writes_table_but_no_winner(ray_session, prepared, teacher, tmp_path):
-    out = tmp_path / "strict"
-    (out).mkdir()
-    (out / "winner.json").write_text("{}")  # a stale winner from an earlier sweep must go
-    config = _config(prepared, teacher, out, num_samples=1, epochs=1, max_latency_ms=1e-6, student_layers=[1])
-    with pytest.raises(SystemExit, match="no winner: no trial meets --max-latency-ms 1e-06"):
-        run_tune(config)
-    assert len(pq.read_table(out / "trials.parquet")) == 1
-    assert not (out / "winner.json").exists() and not (out / "serve.yaml").exists()
+def _fake_trial(trials: Path, trial_id: str, depth: int, valid: list[float], teacher: Path, finished: bool) -> Path:
+    """A trial directory as run_trial and the worker loop leave it (the teacher stands in
+    for the student checkpoint: any SeqRecommender will do for timing)."""
+    import shutil
+
+    from slmrec.checkpoint import atomic_write_json
+
+    out = trials / trial_id
+    shutil.copytree(teacher, out / "best")
+    atomic_write_json(out / "trial.json", {"params": {"student_layers": depth, "blocks": 1, "lr": 1e-3,
+                                                      "cos_weight": 1.0, "l2_weight": 0.0, "ms_weight": 0.0},
+                                           "epochs": 2, "latency_ms": 2.0, "latency_batch": 4, "params_total": 1})
+    atomic_write_json(out / "history.json", [{"epoch": i + 1, "valid/NDCG@10": v} for i, v in enumerate(valid)])
+    if finished:
+        atomic_write_json(out / "metrics.json", {"final": {"test_full/NDCG@10": 0.5}, "history": []})
+    return out
+
+
+def test_outputs_from_trial_files_and_no_feasible_winner(teacher, tmp_path):
+    from jobs.common.tune_report import trial_row
+    from jobs.tune import write_outputs
+
+    out = tmp_path / "sweep"
+    rows = [trial_row(_fake_trial(out / "trials", "a", 2, [0.3, 0.5], teacher, True), None, True),
+            trial_row(_fake_trial(out / "trials", "b", 2, [0.1], teacher, False), None, True)]
+    assert [(r["status"], r["epochs_run"], r["best_epoch"], r["valid_NDCG@10"]) for r in rows] == [
+        ("completed", 2, 2, 0.5), ("stopped early", 1, 1, 0.1)]
+    config = _config(tmp_path, teacher, out, latency_batch=4, max_latency_ms=1e-6)
+    (out / "winner.json").write_text("{}")  # a stale winner from an earlier run must go
+    with pytest.raises(SystemExit, match=r"no winner: no trial meets --max-latency-ms 1e-06: the fastest, trial a"):
+        write_outputs(config, out, "sweep", rows, None, {})
+    table = pq.read_table(out / "trials.parquet").to_pylist()
+    assert [r["trial_id"] for r in table] == ["a", "b"] and not any(r["winner"] for r in table)
+    assert table[0]["latency_ms"] == table[1]["latency_ms"] > 0, "one timing per depth"
+    assert not (out / "winner.json").exists() and (out / "pareto.png").is_file()
+
+    write_outputs(_config(tmp_path, teacher, out, latency_batch=4), out, "sweep", rows, None, {})
+    assert json.loads((out / "winner.json").read_text())["trial_id"] == "a"
+    with pytest.raises(SystemExit, match="no winner: interrupted"):
+        write_outputs(config, out, "sweep", rows, "interrupted", {})
+    assert not (out / "winner.json").exists()
 
 
 def test_resume_refuses_changed_settings(tmp_path):
@@ -209,7 +241,8 @@ def test_interrupted_sweep_resumes_with_same_name(ray_session, prepared, teacher
             "--ms-range", "0.1", "1"]
     assert parse_config(TuneConfig, "", argv[2:]) == config
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ray puts the driver's working directory on its workers' path: the repository root.
+    driver = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while len(list(out.glob("trials/*/trial.json"))) < 2 and time.time() < deadline and driver.poll() is None:
         time.sleep(1)
