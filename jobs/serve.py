@@ -28,8 +28,10 @@ Behaviour on bad input (never a 500):
     and history: 4xx whose `detail[].loc` names the field. Unknown model: 404.
 A user gets fewer than k items only when exclude_seen leaves fewer than k items.
 
-Requests from all concurrent calls are batched per user into one model forward
-(@serve.batch, --max-batch-size users, waiting at most --batch-wait-timeout-s).
+The users of all concurrent calls are pooled into model forwards of up to
+--max-batch-size users (@serve.batch, waiting at most --batch-wait-timeout-s for a batch
+to fill). A model is loaded by the first call that asks for it (multiplexing keeps up to
+MAX_MODELS_PER_REPLICA per replica), so that first call is slower.
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702
 
@@ -40,15 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from ray import serve
 
-from pipelines.catalog import ItemCatalog
-from pipelines.prepared import SEQUENCES_DIR
+from pipelines.catalog import ItemCatalog, UserHistories
 from slmrec.checkpoint import load_meta
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender
@@ -176,14 +175,6 @@ class _Job:
     exclude_seen: bool
 
 
-def load_user_histories(prepared: str | Path) -> dict[str, np.ndarray]:
-    """str(user_id) -> item indices of the user's whole kept sequence."""
-    table = pq.read_table(Path(prepared) / SEQUENCES_DIR, columns=["user_id", "item_index"])
-    users = table.column("user_id").to_pylist()
-    return {str(u): np.asarray(h, dtype=np.int64)
-            for u, h in zip(users, table.column("item_index").to_pylist())}
-
-
 def _check_vocabulary(model_id: str, path: str, num_items: int) -> None:
     """Refuse at start-up a model trained on another item vocabulary: its indices would
     map to the wrong original ids without any error later."""
@@ -203,7 +194,7 @@ class RecommenderService:
         self.catalog = ItemCatalog.from_prepared(self.config.data)
         for model_id, (path, _) in self.specs.items():
             _check_vocabulary(model_id, path, self.catalog.num_items)
-        self.histories = load_user_histories(self.config.data)
+        self.histories = UserHistories.from_prepared(self.config.data)
         self.max_k = min(self.config.max_k, self.catalog.num_items)
         self.stats = {"batches": 0, "batched_users": 0}
         torch.set_num_threads(max(1, int(self.config.cpus_per_replica)))
@@ -278,7 +269,7 @@ class RecommenderService:
                    recommender: Recommender) -> Recommendation:
         unknown: list[Any] = []
         if r.user_id is not None:
-            history = self.histories.get(str(r.user_id))
+            history = self.histories.get(r.user_id)
             reason = "unknown_user" if history is None else None
             history = [] if history is None else history.tolist()
         else:

@@ -1,4 +1,5 @@
-"""The item vocabulary as serving and scoring need it: index <-> original id, popularity.
+"""The prepared data as serving and scoring need it: item index <-> original id,
+popularity, and (for serving) each user's history.
 
 Models speak item indices (1..N, 0 = padding); users of the recommender speak the
 original item ids of the logs. Original ids may be integers or strings; lookups key on
@@ -13,8 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipelines.prepared import load_item_vocab
+from pipelines.prepared import SEQUENCES_DIR, load_item_vocab
 
 
 @dataclass
@@ -68,3 +70,33 @@ class ItemCatalog:
             self._by_popularity = np.argsort(-self.counts[1:], kind="stable") + 1
         top = self._by_popularity[:k]
         return top, self.counts[top]
+
+
+class UserHistories:
+    """str(user_id) -> the user's whole kept sequence (item indices), for serving.
+
+    Sequences stay in two flat arrays (values and offsets, as Arrow stores them) instead
+    of one Python list per user, so a replica holding millions of users pays a few bytes
+    per item plus one dict entry per user."""
+
+    def __init__(self, user_ids: Sequence[Any], sequences: pa.ListArray):
+        self._row = {str(u): i for i, u in enumerate(user_ids)}
+        if len(self._row) != len(user_ids):
+            raise ValueError("user ids are not unique once turned into strings")
+        self._offsets = sequences.offsets.to_numpy()
+        self._values = sequences.flatten().to_numpy()
+
+    @classmethod
+    def from_prepared(cls, path: str | Path) -> "UserHistories":
+        table = pq.read_table(Path(path) / SEQUENCES_DIR, columns=["user_id", "item_index"])
+        return cls(table.column("user_id").to_pylist(),
+                   table.column("item_index").combine_chunks())
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def get(self, user_id: Any) -> np.ndarray | None:
+        row = self._row.get(str(user_id))
+        if row is None:
+            return None
+        return self._values[self._offsets[row]:self._offsets[row + 1]]
