@@ -80,8 +80,17 @@ def run(config: TeacherConfig) -> Path:
     from jobs.common.report import write_training_report
     from jobs.common.trainer import fit, make_spec, run_name_for
 
-    init_local_ray()
     output = Path(config.output).resolve()
+    if not config.backbone.is_scratch:
+        # Resolve (and for smollm2-135m convert, once) on the driver: a bad path fails
+        # here, and the workers find the converted checkpoint in the cache.
+        from slmrec.backbones import resolve_checkpoint
+
+        try:
+            resolve_checkpoint(config.backbone)
+        except FileNotFoundError as e:
+            raise SystemExit(f"--backbone: {e}") from e
+    init_local_ray()
     item_table = ensure_item_table(config, output)
     splits = load_splits(config.data, config.max_len)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
