@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.common.ray_runtime import init_local_ray
+from pipelines.prepared import num_items
 from pipelines.scoring import score_prepared
-from slmrec.checkpoint import load_meta
 from slmrec.config import field, parse_config
-from slmrec.recommend import Recommender
+from slmrec.recommend import Recommender, check_vocabulary
 
 
 @dataclass
@@ -40,15 +40,24 @@ class ScoreConfig:
     chunk_size: int = field(65536, help="items scored at a time in the top-k (memory: batch x chunk)")
     num_cpus: int = field(2, help="CPUs of the local Ray instance (ignored on a cluster)")
 
+    def __post_init__(self) -> None:
+        for name in ("k", "batch_size", "num_actors", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(ScoreConfig, __doc__, argv)
     if Path(config.output).exists():
         sys.exit(f"score: --output {config.output} already exists; choose a new directory")
+    # Checks that need no Ray run first, so a typo fails at once.
     try:
-        load_meta(config.model)
+        items = num_items(config.data)
+        check_vocabulary(config.model, items)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"score: --model: {e}")
+        sys.exit(f"score: {e}")
+    if config.k > items:
+        sys.exit(f"score: --k {config.k} is more than the {items} items of {config.data}")
     init_local_ray(num_cpus=config.num_cpus)
     start = time.perf_counter()
     load = functools.partial(Recommender.load, config.model, int8=config.int8,

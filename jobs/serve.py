@@ -48,9 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_v
 from ray import serve
 
 from pipelines.catalog import ItemCatalog, UserHistories
-from slmrec.checkpoint import load_meta
+from pipelines.prepared import num_items
 from slmrec.config import field, parse_config
-from slmrec.recommend import Recommender
+from slmrec.recommend import Recommender, check_vocabulary
 
 MAX_MODELS_PER_REPLICA = 4
 """Students kept loaded per replica (least recently used ones are evicted)."""
@@ -175,15 +175,6 @@ class _Job:
     exclude_seen: bool
 
 
-def _check_vocabulary(model_id: str, path: str, num_items: int) -> None:
-    """Refuse at start-up a model trained on another item vocabulary: its indices would
-    map to the wrong original ids without any error later."""
-    model_items = load_meta(path)["config"]["num_items"]
-    if model_items != num_items:
-        raise ValueError(f"model {model_id!r} was trained on {model_items} items but the "
-                         f"prepared data has {num_items}")
-
-
 @serve.deployment
 @serve.ingress(api)
 class RecommenderService:
@@ -192,8 +183,8 @@ class RecommenderService:
         self.specs = model_specs(self.config)
         self.default_model = next(iter(self.specs))
         self.catalog = ItemCatalog.from_prepared(self.config.data)
-        for model_id, (path, _) in self.specs.items():
-            _check_vocabulary(model_id, path, self.catalog.num_items)
+        for path, _ in self.specs.values():
+            check_vocabulary(path, self.catalog.num_items)
         self.histories = UserHistories.from_prepared(self.config.data)
         self.max_k = min(self.config.max_k, self.catalog.num_items)
         self.stats = {"batches": 0, "batched_users": 0}
@@ -326,15 +317,14 @@ def merge_repeated_flag(argv: list[str], flag: str = "--model") -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     argv = merge_repeated_flag(sys.argv[1:] if argv is None else list(argv))
     config = parse_config(ServeConfig, __doc__, argv)
+    # Every check that needs no Ray runs first, so a typo fails in a second, not after
+    # Ray and Serve have started.
     try:
         specs = model_specs(config)
-    except ValueError as e:
+        for path, _ in specs.values():
+            check_vocabulary(path, num_items(config.data))
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"serve: {e}")
-    missing = [p for p, _ in specs.values() if not Path(p).is_dir()]
-    if missing:
-        sys.exit(f"serve: --model path(s) {missing} are not directories")
-    if not Path(config.data).is_dir():
-        sys.exit(f"serve: --data {config.data} is not a directory")
 
     from jobs.common.ray_runtime import init_local_ray
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from slmrec.checkpoint import load_meta
 from slmrec.model import SeqRecommender
 from slmrec.topk import chunked_topk
 
@@ -56,6 +57,16 @@ def recommend(model: SeqRecommender, histories: Sequence[Sequence[int]], k: int,
     return chunked_topk(user_vectors(model, items), model.item_table, k, seen, exclude_seen,
                         chunk_size)
 
+
+
+def check_vocabulary(directory: str | Path, num_items: int) -> None:
+    """Refuse a saved model trained on another item vocabulary than the data it is about
+    to serve: its item indices would map to the wrong original ids without any error.
+    Reads only the checkpoint's JSON, so jobs can check before starting any work."""
+    model_items = load_meta(directory)["config"]["num_items"]
+    if model_items != num_items:
+        raise ValueError(f"model {directory} was trained on {model_items} items but the "
+                         f"prepared data has {num_items}; use the prepared data it was trained on")
 
 
 @dataclass

@@ -48,8 +48,30 @@ def test_offline_top_k_equals_in_process_model(ray_session, tmp_path):
     assert short > 0  # the case "fewer than k items left" was exercised
 
 
-def test_existing_output_is_refused(tmp_path):
-    (tmp_path / "scores").mkdir()
-    with pytest.raises(SystemExit, match="already exists"):
-        score_main(["--model", str(tmp_path), "--data", str(tmp_path),
-                    "--output", str(tmp_path / "scores")])
+@pytest.mark.parametrize("k, output_exists, model_items, message", [
+    (41, False, 40, "more than the 40 items"),
+    (0, False, 40, None),  # refused by the flag parser: exit code 2
+    (10, True, 40, "already exists"),
+    (10, False, 39, "trained on 39 items"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, k, output_exists, model_items,
+                                                  message):
+    import dataclasses
+
+    from slmrec.model import build_recommender
+
+    prepared = write_prepared(tmp_path / "prepared", random_histories(4))
+    model = tiny_model()
+    if model_items != model.config.num_items:
+        config = dataclasses.replace(model.config, num_items=model_items)
+        model = build_recommender(config, model.item_table[: model_items + 1])
+    model.save(tmp_path / "model")
+    if output_exists:
+        (tmp_path / "scores").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        score_main(["--model", str(tmp_path / "model"), "--data", str(prepared),
+                    "--output", str(tmp_path / "scores"), "--k", str(k)])
+    if message is None:
+        assert exit_info.value.code == 2
+    else:
+        assert message in str(exit_info.value.code)

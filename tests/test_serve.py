@@ -209,3 +209,16 @@ def test_repeated_model_flags_are_all_kept():
     specs = model_specs(parse_config(ServeConfig, "", argv))
     assert specs == {"a": ("/x", False), "a-int8": ("/x", True),
                      "b": ("/y/b", False), "b-int8": ("/y/b", True)}
+
+
+def test_cli_refuses_a_missing_model_or_a_vocabulary_mismatch_before_starting(tmp_path):
+    from jobs.serve import main
+
+    prepared = write_prepared(tmp_path / "prepared", random_histories(4))
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--model", str(tmp_path / "nowhere"), "--data", str(prepared)])
+    other = write_prepared(tmp_path / "other", [[1, 2, 3]])
+    (other / "stats.json").write_text('{"items": 39}')
+    tiny_model().save(tmp_path / "m")
+    with pytest.raises(SystemExit, match="trained on 40 items"):
+        main(["--model", str(tmp_path / "m"), "--data", str(other)])
