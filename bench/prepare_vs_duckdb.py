@@ -87,6 +87,9 @@ COUNT_KEYS = ("input_rows", "rejected", "duplicates_removed", "filtered_out", "t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, required=True, help="synthetic log rows")
+    ap.add_argument("--items", type=int, default=0,
+                    help="synthetic items (0: the generator's rows / 500); more items give a "
+                         "long tail that makes the k-core take several rounds")
     ap.add_argument("--work-dir", default="out/bench", help="logs and outputs go here")
     ap.add_argument("--min-user-interactions", type=int, default=5)
     ap.add_argument("--min-item-interactions", type=int, default=5)
@@ -98,11 +101,11 @@ def main() -> None:
     args = ap.parse_args()
 
     work = (ROOT / args.work_dir).resolve()
-    logs = work / f"syn-{args.rows}"
+    logs = work / (f"syn-{args.rows}" + (f"-items{args.items}" if args.items else ""))
     if not (logs / "_SUCCESS").exists():
         t = time.perf_counter()
         subprocess.run([PY, "jobs/import_data.py", "--dataset", "synthetic", "--rows", str(args.rows),
-                        "--output", str(logs)], cwd=ROOT, check=True)
+                        "--items", str(args.items), "--output", str(logs)], cwd=ROOT, check=True)
         (logs / "_SUCCESS").write_text("")
         print(f"generated {args.rows:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
     rules = ["--min-user-interactions", str(args.min_user_interactions),

@@ -15,15 +15,16 @@ import json
 
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.logs import LogError
-from pipelines.prepare import PrepareConfig, run_prepare
+from pipelines.prepare import PrepareConfig, preflight, run_prepare
 from slmrec.config import parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(PrepareConfig, __doc__, argv)
-    init_local_ray()
     try:
-        stats = run_prepare(config)
+        schema = preflight(config)  # bad input fails here, before Ray starts
+        init_local_ray()
+        stats = run_prepare(config, schema)
     except (LogError, FileExistsError) as e:
         sys.exit(f"prepare: {e}")
     summary = {k: stats[k] for k in ("input_rows", "rejected", "duplicates_removed",

@@ -94,13 +94,22 @@ class PrepareConfig:
         return ColumnNames(self.user_column, self.item_column, self.timestamp_column, self.rating_column)
 
 
-def run_prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Run the stage on the connected Ray cluster; return the stats written to stats.json."""
+def preflight(config: PrepareConfig) -> LogSchema:
+    """Everything that can be checked before Ray starts: the input files and their
+    footers, and an output that would be clobbered. Raises LogError / FileExistsError."""
     files = resolve_inputs(config.input)
     schema = validate(files, config.columns, with_rating=config.min_rating is not None)
     out = Path(config.output)
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise FileExistsError(f"{out}: output directory exists and is not empty (use --overwrite)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
+        raise FileExistsError(f"{out}: output exists and is not an empty directory (use --overwrite)")
+    return schema
+
+
+def run_prepare(config: PrepareConfig, schema: LogSchema | None = None) -> dict[str, Any]:
+    """Run the stage on the connected Ray cluster; return the stats written to stats.json.
+    `schema` is preflight's result when the caller already ran it."""
+    schema = schema or preflight(config)
+    out = Path(config.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     scratch = Path(config.scratch_dir) / tmp.name if config.scratch_dir else tmp / "_scratch"

@@ -1,11 +1,16 @@
-"""The streaming half of the prepare stage: a Ray Data sink that checks each block of the
-log and scatters its rows to user-hash partitions on disk.
+"""The streaming half of the prepare stage: a Ray Data sink that reads the log unit by
+unit, rejects null rows and scatters the rest to user-hash partitions on disk.
 
 Why a sink and not a Ray shuffle: the exchange we need is "all rows of a user in one
 place", which a hash of user_id modulo P gives without any all-to-all shuffle. Each write
-task appends its rows to one Parquet file per partition (a row group per block), so its
-memory is one block, whatever the log's size. Rejected-row counts come back as the write
-tasks' return values, so nothing but counters reaches the driver.
+task appends its rows to one Parquet file per partition (a row group per read batch), so
+its memory is one batch, whatever the log's size. Rejected-row counts come back as the
+write tasks' return values, so nothing but counters reaches the driver.
+
+Why the sink reads the Parquet itself: Ray 2.60's read_parquet bin-packs files into
+128 MiB read units, so five 1M-row files became ONE read task (one core busy out of two);
+read units of whole row groups, planned from the footers validation already read, give
+one task per unit.
 """
 from __future__ import annotations
 
@@ -45,8 +50,6 @@ class ScatterCounts:
         self.rows += other.rows
         for k, v in other.rejected.items():
             self.rejected[k] += v
-        if not self.per_partition:
-            self.per_partition = [0] * len(other.per_partition)
         self.per_partition = [a + b for a, b in zip(self.per_partition, other.per_partition)]
 
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import prepare as prepare_job
 from pipelines import importers, prepared
 from pipelines.logs import LogError
 from pipelines.prepare import PrepareConfig, run_prepare
@@ -63,11 +64,12 @@ def test_hand_computed_log_through_ray(ray_session, tmp_path):
     assert not list(tmp_path.glob(".prep.tmp-*")), "temporary output left behind"
 
 
-def test_movielens_100k_known_counts(ray_session, tmp_path):
+def test_movielens_100k_known_counts_through_the_job(ray_session, tmp_path):
     log = importers.movielens_100k(tmp_path / "log")
     out = tmp_path / "ml-100k"
-    stats = run_prepare(PrepareConfig(input=str(log), output=str(out), min_user_interactions=5,
-                                      min_item_interactions=5, max_len=50))
+    stats = prepare_job.main(["--input", str(log), "--output", str(out),
+                              "--min-user-interactions", "5", "--min-item-interactions", "5",
+                              "--max-len", "50"])
     # 100,000 ratings, 943 users (each has >= 20 ratings), 1,682 items; 333 items have
     # fewer than 5 ratings, so the 5-core keeps all users and 1,349 items (99,287 ratings).
     assert stats["input_rows"] == 100_000
@@ -81,6 +83,15 @@ def test_movielens_100k_known_counts(ray_session, tmp_path):
     assert stats["interactions"] == pc.sum(lengths).as_py() == 41_001
     assert pc.max(pc.list_flatten(seqs["item_index"])).as_py() == 1_349
     assert json.loads((out / "stats.json").read_text())["item_index_order"].startswith("count")
+
+
+def test_job_fails_fast_on_bad_input_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user_id": [1], "item": [2], "timestamp": [3]}), bad)
+    # No ray_session: the check runs before Ray would start.
+    with pytest.raises(SystemExit, match=r"prepare: .*log\.parquet: missing column\(s\) \['item_id'\]"):
+        prepare_job.main(["--input", str(bad), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_run_leaves_no_output(ray_session, tmp_path):

@@ -122,7 +122,7 @@ def test_existing_output_is_not_overwritten_without_flag(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="use --overwrite"):
+    with pytest.raises(FileExistsError, match="not an empty directory \\(use --overwrite\\)"):
         run_prepare(PrepareConfig(input=f, output=str(out)))
     assert (out / "keep.txt").read_text() == "mine"
 
