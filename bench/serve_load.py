@@ -43,6 +43,7 @@ import torch
 from pipelines.catalog import ItemCatalog
 from slmrec.backbones import BackboneConfig
 from slmrec.model import RecommenderConfig, build_recommender
+from slmrec.quantize import int8_parity
 from slmrec.recommend import Recommender
 
 
@@ -145,6 +146,17 @@ def run_serve(url: str, model_id: str, catalog: ItemCatalog, per_client, warmup:
     return latencies, sum(len(b) for c in per_client for b in c[warmup:]), wall
 
 
+def parity_on_test_split(data: Path, local: dict[str, Recommender], users: int) -> dict:
+    """int8 vs fp32 on the leave-one-out test split of the first `users` users: history
+    = all but the last item, target = the last item (meaningful for a trained --model;
+    with the synthetic random model only the overlap says something)."""
+    sequences = pq.read_table(data / "sequences", columns=["item_index"]).column(
+        "item_index").to_pylist()[:users]
+    histories = [s[:-1] for s in sequences if len(s) >= 2]
+    targets = [s[-1] for s in sequences if len(s) >= 2]
+    return int8_parity(local["fp32"].model, local["int8"].model, histories, targets, k=10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,6 +184,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--parity-users", type=int, default=512,
+                        help="users of the test split for the int8 parity report")
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args()
     if (args.model is None) != (args.data is None):
@@ -189,6 +203,8 @@ def main() -> None:
     catalog = ItemCatalog.from_prepared(data)
     torch.set_num_threads(args.cpus)
     local = {"fp32": Recommender.load(model_path), "int8": Recommender.load(model_path, int8=True)}
+    parity = parity_on_test_split(Path(data), local, args.parity_users)
+    print(json.dumps({"int8_parity": parity}), flush=True)
 
     init_local_ray(num_cpus=max(2, args.cpus + 1))
     port = free_port()
@@ -239,8 +255,8 @@ def main() -> None:
     load = {"load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     print(json.dumps(load))
     if args.output:
-        Path(args.output).write_text(json.dumps({"settings": vars(args), **load, "rows": rows},
-                                                indent=2))
+        Path(args.output).write_text(json.dumps(
+            {"settings": vars(args), **load, "int8_parity": parity, "rows": rows}, indent=2))
 
 
 def print_table(rows: list[dict]) -> None:
