@@ -149,6 +149,10 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     settings = kernels.KernelSettings(config.task_threads, config.task_memory_mb,
                                       str(scratch / "spill"))
     task = {"num_cpus": config.task_threads, "memory": config.task_memory_mb * 2**20}
+    # A request beyond the whole cluster's memory would leave the tasks pending forever.
+    if ray.cluster_resources().get("memory", 0) < task["memory"]:
+        raise ValueError(f"--task-memory-mb {config.task_memory_mb} exceeds the cluster's memory "
+                         f"resource ({ray.cluster_resources().get('memory', 0) / 2**20:.0f} MiB)")
 
     # 1. Stream the log once: reject null rows, scatter rows by user hash.
     sink = ScatterByUserSink(str(scratch / "parts"), config.columns, schema,
@@ -227,6 +231,9 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
         "config": asdict(config),
     }
     check_identity(stats)
+    if pc.sum(vocab["count"]).as_py() != kcore_rows:
+        raise RuntimeError(f"item counts sum to {pc.sum(vocab['count']).as_py()} but the sequence "
+                           f"pass kept {kcore_rows} k-core rows")
     (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
