@@ -109,8 +109,10 @@ def _add_flag(parser: argparse.ArgumentParser, path: tuple[str, ...], f: datacla
 
 
 def build_parser(cls: type, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    # No abbreviations: a mistyped flag that happens to be a prefix must not pass silently.
     parser = argparse.ArgumentParser(
-        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of settings (field names as keys); flags override it")
     seen: dict[str, str] = {}

@@ -73,3 +73,9 @@ def test_help_lists_every_setting(capsys):
     for flag in ("--data", "--lr", "--mode", "--flag", "--sizes", "--backbone", "--layers", "--config"):
         assert flag in out
     assert "(default: 8)" in out  # the group default set by the parent
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Job, "d", ["--dat", "x"])
+    assert "unrecognized arguments: --dat" in capsys.readouterr().err
