@@ -23,8 +23,10 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	$(PY) jobs/pipeline.py
 
+# Slow tests (real two-node cluster, worker kills, long resilience runs) are run by hand
+# with `make test-slow`; their last results are recorded in README.md.
 test: setup
-	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m pytest -q tests
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m pytest -q -m "not slow" tests
 
 test-slow: setup
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(PY) -m pytest -q -m slow tests
