@@ -1,7 +1,7 @@
 """Histories of item indices -> top-k item indices with a trained recommender.
 
-The one path that online serving, offline scoring, the int8 parity check and the serving
-benchmark all call, so they cannot drift apart: the user vector is the model's own
+The one path that online serving, offline scoring and the serving benchmark call (the
+int8 parity check uses its two halves), so they cannot drift apart: the user vector is the model's own
 `project(last_position(hidden))` and it is ranked against the model's frozen item table
 with the chunked top-k (never a users x items matrix beyond one chunk).
 
@@ -56,7 +56,6 @@ def recommend(model: SeqRecommender, histories: Sequence[Sequence[int]], k: int,
     seen = pad_histories(histories) if exclude_seen else None
     return chunked_topk(user_vectors(model, items), model.item_table, k, seen, exclude_seen,
                         chunk_size)
-
 
 
 def check_vocabulary(directory: str | Path, num_items: int) -> None:
