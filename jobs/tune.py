@@ -175,13 +175,13 @@ def _concurrency(config: TuneConfig) -> int:
                                  config.cpus_per_worker, config.use_gpu, config.trial_cpus, config.data_cpus)
 
 
-def _tuner(config: TuneConfig, trainable, storage: str, name: str):
+def _tuner(config: TuneConfig, trainable, storage: str, name: str, trials_dir: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from jobs.common.tune_space import search_space
-    from jobs.common.tune_trial import OBJECTIVE, trial_dirname
+    from jobs.common.tune_trial import OBJECTIVE, ReleaseStoppedTrials, trial_dirname
 
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
@@ -202,7 +202,8 @@ def _tuner(config: TuneConfig, trainable, storage: str, name: str):
                                     reduction_factor=config.reduction_factor, stop_last_trials=False),
             trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage,
-                                  failure_config=tune.FailureConfig(max_failures=config.tune_max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=config.tune_max_failures),
+                                  callbacks=[ReleaseStoppedTrials(str(trials_dir))]),
     )
 
 
@@ -278,7 +279,7 @@ def run(config: TuneConfig) -> Path:
         # Tune needs a non-empty bundle per trial; memory is what the driver really uses,
         # and reserving no CPU for it leaves the CPUs to the trainers and Ray Data.
         {"CPU": config.trial_cpus, "memory": config.trial_memory_gb * 2**30})
-    results = _tuner(config, trainable, storage, name).fit()
+    results = _tuner(config, trainable, storage, name, trials_dir).fit()
 
     finished = results.num_terminated + results.num_errors
     interrupted = finished < config.num_samples

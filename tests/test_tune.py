@@ -86,6 +86,18 @@ def test_concurrency_from_resources_per_trial():
     assert max_concurrent_trials(1, 0, 1, 1.0, False, 0.0, 1.0) == 1  # never below one
 
 
+def test_frozen_cluster_sweep_config_is_valid():
+    from jobs.tune import check_config
+    from slmrec.config import parse_config
+
+    config = parse_config(TuneConfig, "", ["--config", str(ROOT / "cluster/tune_example.yaml")])
+    check_config(config, teacher_layers=8)
+    assert config.student_layers == [1, 2, 3, 4, 6] and config.use_gpu
+    # 8 GPUs and 64 CPUs: one single-GPU trial per GPU.
+    assert max_concurrent_trials(64, 8, config.num_workers, config.cpus_per_worker, config.use_gpu,
+                                 config.trial_cpus, config.data_cpus) == 8
+
+
 # ---- the sweep, end to end ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

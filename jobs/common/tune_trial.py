@@ -30,10 +30,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 OBJECTIVE = "valid/NDCG@10"
 TRIAL_FILE = "trial.json"
+PLACEMENT_GROUP_FILE = "train_placement_group"
 
 
 class EpochReportsToTune(TuneReportCallback):
@@ -50,6 +52,55 @@ class EpochReportsToTune(TuneReportCallback):
     def after_report(self, run_context, metrics, checkpoint) -> None:
         if OBJECTIVE in metrics[0]:
             super().after_report(run_context, [{**metrics[0], **self._extras}], None)
+
+
+def build_task_in_trial(args: dict):
+    """jobs/distill.py's build_task, after noting the worker group's placement group in
+    the trial directory for ReleaseStoppedTrials."""
+    from ray.util import get_current_placement_group
+
+    from jobs.distill import build_task
+    from slmrec.checkpoint import atomic_write_text
+
+    args = dict(args)
+    trial_dir = Path(args.pop("trial_dir"))
+    group = get_current_placement_group()
+    if group is not None:
+        atomic_write_text(trial_dir / PLACEMENT_GROUP_FILE, group.id.hex())
+    return build_task(args)
+
+
+class ReleaseStoppedTrials(tune.Callback):
+    """Give back the CPUs/GPUs of a trial's Ray Train workers when Tune ends the trial.
+
+    When ASHA stops a trial, Tune kills the trial process and, with it, the Train
+    controller; the workers' placement group outlives them (placement groups belong to
+    the job, not to the actor that made them). Ray Train's own cleaner finds dead
+    controllers through the state API, which needs the dashboard: without it
+    (jobs/common/ray_runtime.init_local_ray starts Ray without one) every stopped trial
+    kept its workers' CPUs reserved until the sweep ended. Seen here: 1.5 of 2 CPUs held
+    by one live and two dead trials, no whole CPU left for a Ray Data read task, and the
+    sweep stalled. A completed trial's group is already removed by its controller."""
+
+    def __init__(self, trials_dir: str):
+        self.trials_dir = trials_dir
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._release(trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._release(trial.trial_id)
+
+    def _release(self, trial_id: str) -> None:
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+        path = Path(self.trials_dir) / trial_id / PLACEMENT_GROUP_FILE
+        if not path.is_file():
+            return
+        group = PlacementGroup(PlacementGroupID.from_hex(path.read_text().strip()))
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
 
 
 def trial_dirname(trial) -> str:
@@ -95,7 +146,7 @@ def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str,
 
     from jobs.common.trainer import fit, make_spec
     from jobs.common.tune_space import effective_params
-    from jobs.distill import DistillConfig, build_task, task_args, validate
+    from jobs.distill import DistillConfig, task_args, validate
     from slmrec.checkpoint import atomic_write_json
     from slmrec.config import from_dict
 
@@ -112,4 +163,5 @@ def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str,
     spec = make_spec(config, str(out), splits.users - splits.too_short)
     extras = {"latency_ms": latency["latency_ms"], "student_layers": params["student_layers"],
               "blocks": params["blocks"]}
-    fit(config, spec, build_task, args, splits.as_dict(), config.run_name, callbacks=[EpochReportsToTune(extras)])
+    fit(config, spec, build_task_in_trial, {**args, "trial_dir": str(out)}, splits.as_dict(), config.run_name,
+        callbacks=[EpochReportsToTune(extras)])
