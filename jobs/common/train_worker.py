@@ -219,16 +219,24 @@ def train_loop(config: dict[str, Any]) -> None:
 
     out = Path(spec.output_dir)
     shard = ray.train.get_dataset_shard("train")
-    progress = _Progress(steps_per_epoch * (spec.epochs - state["epoch"]), spec.log_every, rank, state["steps"])
+    # After a mid-epoch checkpoint, the batches of that epoch trained before it are skipped
+    # (the epoch's order is seeded) and its running loss sums carried on, so the resumed run
+    # neither trains them twice nor runs past the schedule's last step.
+    done_in_epoch = state.pop("epoch_step", 0)
+    carried_sums = state.pop("epoch_sums", {})
+    progress = _Progress(steps_per_epoch * (spec.epochs - state["epoch"]) - done_in_epoch, spec.log_every, rank,
+                         state["steps"])
     samples = 0
     for epoch in range(state["epoch"], spec.epochs):
         epoch_start = time.time()
         engine.train()
-        sums: dict[str, float] = {}
-        n_steps = 0
+        sums: dict[str, float] = carried_sums
+        n_steps = done_in_epoch
         for step, batch in enumerate(shard.iter_torch_batches(
                 batch_size=spec.micro_batch, dtypes=torch.long, device=device, drop_last=True,
                 local_shuffle_buffer_size=spec.shuffle_buffer, local_shuffle_seed=spec.seed + epoch), start=1):
+            if step <= done_in_epoch:
+                continue
             terms = task.loss(batch)
             engine.backward(terms.total)
             engine.step()
@@ -242,8 +250,10 @@ def train_loop(config: dict[str, Any]) -> None:
             if spec.stop_after_steps and state["global_step"] >= spec.stop_after_steps:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
-                _report({"epoch": epoch, "step": state["global_step"]}, dict(state, epoch=epoch),
+                _report({"epoch": epoch, "step": state["global_step"]},
+                        dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums)),
                         best_weights, engine, optimizer, zero, rank)
+        done_in_epoch, carried_sums = 0, {}
         if n_steps == 0:
             raise ValueError(f"worker {rank}: no training batch of {spec.micro_batch} rows in epoch {epoch + 1}; "
                              "lower --batch-size or add data")
