@@ -1,8 +1,8 @@
 """A Ray cluster of several nodes on this one machine, which stops only what it started.
 
     python cluster/local_cluster.py start --workdir /tmp/rc --cpus 3 2   # head (3 CPUs) + 1 worker node
-    export RAY_ADDRESS=$(python cluster/local_cluster.py address --workdir /tmp/rc)
-    ray job submit --working-dir . -- python jobs/distill.py ...
+    export RAY_ADDRESS=$(python cluster/local_cluster.py address --workdir /tmp/rc) RAY_AUTH_MODE=token
+    ray job submit --working-dir . -- python jobs/distill.py --data ... --output ...
     python cluster/local_cluster.py stop --workdir /tmp/rc
 
 Each node is one `ray start --block` process (the head with the dashboard, which serves
@@ -18,6 +18,7 @@ The PIDs are recorded in WORKDIR/cluster.json, so another process can stop the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -94,7 +95,7 @@ def _kill(procs) -> list[int]:
     """SIGKILL those of `procs` (pid, start time) still alive; returns their PIDs."""
     leftovers = [p for p in procs if _alive(*p)]
     for pid, _ in leftovers:
-        with _ignore_gone():
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _wait_gone(leftovers, 10.0)
     return [pid for pid, _ in leftovers]
@@ -149,14 +150,6 @@ def _descendants(root: int, root_start: int) -> list[tuple[int, int]]:
             out.append((pid, start))
         todo.extend(children.get(pid, []))
     return out
-
-
-class _ignore_gone:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        return exc_type is ProcessLookupError
 
 
 def _wait_gone(procs: list[tuple[int, int]], timeout_s: float) -> None:

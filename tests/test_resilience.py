@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from pathlib import Path
