@@ -83,8 +83,8 @@ class LocalCluster:
         to be SIGKILLed after the graceful shutdown."""
         killed: list[int] = []
         for node in reversed(self.nodes):
-            tree = _descendants(node.pid, node.start_time)
-            if _alive(node.pid, node.start_time):
+            tree = process_tree(node.pid, node.start_time)
+            if is_alive(node.pid, node.start_time):
                 os.kill(node.pid, signal.SIGTERM)
                 _wait_gone([(node.pid, node.start_time)], timeout_s)
             killed += _kill(tree)
@@ -93,7 +93,7 @@ class LocalCluster:
 
 def _kill(procs) -> list[int]:
     """SIGKILL those of `procs` (pid, start time) still alive; returns their PIDs."""
-    leftovers = [p for p in procs if _alive(*p)]
+    leftovers = [p for p in procs if is_alive(*p)]
     for pid, _ in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -129,14 +129,14 @@ def _start_time(pid: int) -> int | None:
     return int(fields[21]) if fields else None
 
 
-def _alive(pid: int, start_time: int) -> bool:
+def is_alive(pid: int, start_time: int) -> bool:
     fields = _stat(pid)
     return fields is not None and int(fields[21]) == start_time and fields[2] != "Z"
 
 
-def _descendants(root: int, root_start: int) -> list[tuple[int, int]]:
+def process_tree(root: int, root_start: int) -> list[tuple[int, int]]:
     """(pid, start time) of `root` and every process below it, from /proc."""
-    if not _alive(root, root_start):
+    if not is_alive(root, root_start):
         return []
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -154,7 +154,7 @@ def _descendants(root: int, root_start: int) -> list[tuple[int, int]]:
 
 def _wait_gone(procs: list[tuple[int, int]], timeout_s: float) -> None:
     deadline = time.time() + timeout_s
-    while time.time() < deadline and any(_alive(*p) for p in procs):
+    while time.time() < deadline and any(is_alive(*p) for p in procs):
         time.sleep(0.2)
 
 
@@ -194,8 +194,8 @@ def _spawn_node(args: list[str], temp_dir: Path, log: Path, cpus: int, head: boo
 def _started(node: NodeProcess, log: Path, seen: set[tuple[int, int]]) -> bool:
     """Whether `ray start` says it is up; raises if it exited. Collects the processes it
     started into `seen`, so they can be killed if it dies without taking them along."""
-    seen.update(_descendants(node.pid, node.start_time))
-    if not _alive(node.pid, node.start_time):
+    seen.update(process_tree(node.pid, node.start_time))
+    if not is_alive(node.pid, node.start_time):
         raise RuntimeError(f"ray start (PID {node.pid}) exited:\n{log.read_text()[-3000:]}")
     return "Ray runtime started" in log.read_text()
 

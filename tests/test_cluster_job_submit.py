@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_cluster import _alive, _descendants, start
+from cluster.local_cluster import is_alive, process_tree, start
 from tests.cluster_inputs import TINY_DISTILL_FLAGS, write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_ray_job_submit_runs_distill_on_a_ray_start_head(tmp_path):
     with tempfile.TemporaryDirectory(prefix="rh", dir="/tmp") as workdir:
         cluster = start(workdir, cpus=[2])
         try:
-            processes = [p for node in cluster.nodes for p in _descendants(node.pid, node.start_time)]
+            processes = [p for node in cluster.nodes for p in process_tree(node.pid, node.start_time)]
             result = submit(cluster.dashboard_url, [
                 "python", "jobs/distill.py", "--data", str(prep), "--teacher", str(teacher), "--output", str(out),
                 "--epochs", "1", "--cpus-per-worker", "0.5", *TINY_DISTILL_FLAGS])
@@ -52,7 +52,7 @@ def test_ray_job_submit_runs_distill_on_a_ray_start_head(tmp_path):
     final = json.loads((out / "metrics.json").read_text())["final"]
     assert 0 <= final["test_full/NDCG@10"] <= 1 and final["best_epoch"] == 1
     # Stopping left none of the processes the cluster had started (raylet, GCS, workers, driver).
-    assert processes and not [pid for pid, t in processes if _alive(pid, t)]
+    assert processes and not [pid for pid, t in processes if is_alive(pid, t)]
 
 
 @pytest.mark.slow
@@ -63,4 +63,4 @@ def test_two_node_script_places_one_train_worker_per_node(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "OK: job SUCCEEDED, 2 Ray Train workers on 2 nodes" in result.stdout
     state = json.loads((Path(workdir) / "cluster.json").read_text())
-    assert not [n["pid"] for n in state["nodes"] if _alive(n["pid"], n["start_time"])]
+    assert not [n["pid"] for n in state["nodes"] if is_alive(n["pid"], n["start_time"])]

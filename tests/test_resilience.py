@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster.local_cluster import LocalCluster, _descendants, free_ports, start
+from cluster.local_cluster import LocalCluster, process_tree, free_ports, start
 from tests.cluster_inputs import TINY_DISTILL_FLAGS, write_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def wait_for(client, submission_id: str, timeout_s: float = 900):
 
 
 def cluster_pids(cluster: LocalCluster) -> set[int]:
-    return {pid for n in cluster.nodes for pid, _ in _descendants(n.pid, n.start_time)}
+    return {pid for n in cluster.nodes for pid, _ in process_tree(n.pid, n.start_time)}
 
 
 def kill(cluster: LocalCluster, pid: int) -> None:
