@@ -294,28 +294,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ).bind(dataclasses.asdict(config))
 
 
-def merge_repeated_flag(argv: list[str], flag: str = "--model") -> list[str]:
-    """`--model a --model b` -> `--model a b`: the config parser keeps only the last
-    occurrence of a list flag, and a repeated --model is the documented usage."""
-    values: list[str] = []
-    rest: list[str] = []
-    collecting = False
-    for token in argv:
-        if token == flag:
-            collecting = True
-        elif token.startswith(flag + "="):
-            values.append(token.split("=", 1)[1])
-            collecting = False
-        elif collecting and not token.startswith("--"):
-            values.append(token)
-        else:
-            collecting = False
-            rest.append(token)
-    return rest + ([flag, *values] if values else [])
-
-
 def main(argv: list[str] | None = None) -> None:
-    argv = merge_repeated_flag(sys.argv[1:] if argv is None else list(argv))
     config = parse_config(ServeConfig, __doc__, argv)
     # Every check that needs no Ray runs first, so a typo fails in a second, not after
     # Ray and Serve have started.

@@ -99,7 +99,9 @@ def _add_flag(parser: argparse.ArgumentParser, path: tuple[str, ...], f: datacla
         parser.add_argument(flag, type=type(choices[0]), choices=choices, **kwargs)
     elif origin in (list, tuple) or tp in (list, tuple):
         item_tp = (typing.get_args(tp) or (str,))[0]
-        parser.add_argument(flag, type=_unwrap_optional(item_tp)[0], nargs="*" if optional else "+", **kwargs)
+        # extend: a repeated flag adds to the list (`--model a --model b`).
+        parser.add_argument(flag, type=_unwrap_optional(item_tp)[0], nargs="*" if optional else "+",
+                            action="extend", **kwargs)
     elif tp in (int, float, str):
         parser.add_argument(flag, type=tp, **kwargs)
     elif origin is dict or tp is dict:

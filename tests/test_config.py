@@ -79,3 +79,7 @@ def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         parse_config(Job, "d", ["--dat", "x"])
     assert "unrecognized arguments: --dat" in capsys.readouterr().err
+
+
+def test_repeated_list_flag_extends():
+    assert parse_config(Job, "d", ["--data", "x", "--sizes", "3", "--sizes", "4", "5"]).sizes == (3, 4, 5)

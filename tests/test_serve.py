@@ -201,11 +201,10 @@ def test_unknown_setting_is_refused_by_name():
 
 
 def test_repeated_model_flags_are_all_kept():
-    from jobs.serve import ServeConfig, merge_repeated_flag, model_specs
+    from jobs.serve import ServeConfig, model_specs
     from slmrec.config import parse_config
 
-    argv = merge_repeated_flag(["--model", "a=/x", "--data", "d", "--model", "/y/b",
-                                "--quantize", "both"])
+    argv = ["--model", "a=/x", "--data", "d", "--model", "/y/b", "--quantize", "both"]
     specs = model_specs(parse_config(ServeConfig, "", argv))
     assert specs == {"a": ("/x", False), "a-int8": ("/x", True),
                      "b": ("/y/b", False), "b-int8": ("/y/b", True)}
