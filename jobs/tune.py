@@ -281,12 +281,14 @@ def run(config: TuneConfig) -> Path:
         {"CPU": config.trial_cpus, "memory": config.trial_memory_gb * 2**30})
     results = _tuner(config, trainable, storage, name, trials_dir).fit()
 
-    finished = results.num_terminated + results.num_errors
-    interrupted = finished < config.num_samples
-    rows = [trial_row(trials_dir / Path(r.path).name, str(r.error) if r.error else None, not interrupted)
-            for r in results]
-    problem = (f"sweep {name} was interrupted ({finished} of {config.num_samples} trials finished); rerun the "
-               "same command to resume it") if interrupted else None
+    # Trial states as saved for a resume: after Ctrl-C, Tune's in-memory results show the
+    # trials it stopped on the way out as terminated, the saved state as still to run.
+    saved = {t.trial_id: t.status for t in tune.ExperimentAnalysis(results.experiment_path).trials}
+    errors = {Path(r.path).name: str(r.error) for r in results if r.error}
+    ended = {tid for tid, status in saved.items() if status in ("TERMINATED", "ERROR")}
+    rows = [trial_row(trials_dir / tid, errors.get(tid), tid in ended) for tid in sorted(saved)]
+    problem = (f"sweep {name} was interrupted ({len(ended)} of {config.num_samples} trials finished); rerun the "
+               "same command to resume it") if len(ended) < config.num_samples else None
     write_outputs(config, output, name, rows, problem, {"teacher": str(teacher_dir), "sweep": name})
     return output
 

@@ -25,15 +25,16 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def trial_row(trial_dir: Path, error: Optional[str], sweep_finished: bool) -> dict[str, Any]:
+def trial_row(trial_dir: Path, error: Optional[str], ended: bool) -> dict[str, Any]:
     """One table row. status: error, completed (ran every epoch and the final test),
-    stopped early (Tune ended it: ASHA) or unfinished (the sweep was interrupted)."""
+    stopped early (Tune ended it before that: ASHA) or unfinished (`ended` False: the
+    sweep was interrupted while the trial ran or waited)."""
     info = _read_json(trial_dir / TRIAL_FILE) or {}
     history = _read_json(trial_dir / "history.json") or []
     metrics = _read_json(trial_dir / "metrics.json")
     valid = [h["valid/NDCG@10"] for h in history]
     best = max(range(len(valid)), key=lambda i: (valid[i], -i)) if valid else None
-    status = ("error" if error else "completed" if metrics else "stopped early" if sweep_finished else "unfinished")
+    status = ("error" if error else "completed" if metrics else "stopped early" if ended else "unfinished")
     checkpoint = trial_dir / "best"
     row: dict[str, Any] = {
         "trial_id": trial_dir.name, "status": status, **info.get("params", {}),
