@@ -14,6 +14,7 @@ one task per unit.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,12 +88,15 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> ScatterCounts:
         """Each input row is a read unit (path, row_groups); it is read in batches of
-        `batch_rows`, so a task holds one batch, however big the unit."""
+        `batch_rows`, so a task holds one batch, however big the unit.
+
+        Retries are idempotent: files are written under a hidden temporary name (never
+        matched by the `*.parquet` readers) and renamed, when the task succeeds, to a name
+        fixed by the task index, which a retry of the same task shares. A killed attempt
+        leaves only ignored temporary files or files its retry replaces."""
         counts = ScatterCounts(per_partition=[0] * self.num_partitions)
-        writers: dict[int, pq.ParquetWriter] = {}
-        # A retried task writes under a fresh name; the failed attempt's files are
-        # removed with the scratch directory when the job fails.
-        name = f"w{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        writers: dict[int, tuple[pq.ParquetWriter, Path]] = {}
+        attempt = f".w{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet.tmp"
         try:
             for block in blocks:
                 for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
@@ -103,10 +107,15 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
                         for k, v in rejected.items():
                             counts.rejected[k] += v
                         self._scatter(kept.select(["user_id", "item_id", "timestamp"]),
-                                      writers, name, counts)
-        finally:
-            for w in writers.values():
-                w.close()
+                                      writers, attempt, counts)
+        except BaseException:
+            for writer, tmp in writers.values():
+                writer.close()
+                tmp.unlink(missing_ok=True)
+            raise
+        for p, (writer, tmp) in writers.items():
+            writer.close()
+            os.replace(tmp, partition_dir(self.root, p) / f"w{ctx.task_idx:06d}.parquet")
         return counts
 
     def _batches(self, path: str, row_groups: list[int]) -> Iterator[pa.Table]:
@@ -118,8 +127,8 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
         except (OSError, pa.ArrowException) as e:
             raise LogError(f"{path}: cannot read row groups {row_groups} ({e})") from e
 
-    def _scatter(self, table: pa.Table, writers: dict[int, pq.ParquetWriter], name: str,
-                 counts: ScatterCounts) -> None:
+    def _scatter(self, table: pa.Table, writers: dict[int, tuple[pq.ParquetWriter, Path]],
+                 tmp_name: str, counts: ScatterCounts) -> None:
         if table.num_rows == 0:
             return
         parts = partition_of(table["user_id"], self.num_partitions)
@@ -133,9 +142,10 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
             piece = table.slice(start, size)
             start += size
             if p not in writers:
-                writers[p] = pq.ParquetWriter(str(partition_dir(self.root, p) / name), piece.schema,
-                                              compression=SCRATCH_COMPRESSION)
-            writers[p].write_table(piece)
+                tmp = partition_dir(self.root, p) / tmp_name
+                writers[p] = (pq.ParquetWriter(str(tmp), piece.schema,
+                                               compression=SCRATCH_COMPRESSION), tmp)
+            writers[p][0].write_table(piece)
             counts.per_partition[p] += size
 
     def on_write_complete(self, write_result: WriteResult[ScatterCounts]) -> None:

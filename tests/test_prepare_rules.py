@@ -211,3 +211,31 @@ def test_identity_holds_and_its_check_catches_a_lost_row():
 def test_config_rejects_nonsense_settings():
     with pytest.raises(ValueError, match="--max-len must be >= 1"):
         PrepareConfig(input="x", output="y", max_len=0)
+
+
+# ---- the streaming scatter: retries are idempotent ----
+
+def test_scatter_retry_replaces_its_files_and_leftovers_are_ignored(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.prepare_sink import ScatterByUserSink, partition_dir
+
+    log = write(tmp_path / "log.parquet", user_id=ints(1, 2, 3, 4, None), item_id=ints(1, 1, 2, 2, 3),
+                timestamp=ints(5, 6, 7, 8, 9))
+    schema = validate([log], ColumnNames(), with_rating=False)
+    sink = ScatterByUserSink(str(tmp_path / "parts"), ColumnNames(), schema, None, 2)
+    sink.on_write_start()
+    unit = pa.table({"path": [log], "row_groups": [[0]]})
+    ctx = SimpleNamespace(task_idx=7)
+    first = sink.write([unit], ctx)
+    # A killed attempt's unfinished file, then the retry of the same task.
+    (partition_dir(sink.root, 0) / ".w000007-dead.parquet.tmp").write_bytes(b"half a file")
+    again = sink.write([unit], ctx)
+    assert first == again and again.rows == 5 and again.rejected["null_user_id"] == 1
+    assert sum(again.per_partition) == 4
+    files = sorted(p.name for p in Path(sink.root).rglob("*.parquet"))
+    assert files == ["w000007.parquet"] * sum(1 for n in again.per_partition if n)
+    rows = sum(kernels.dedup(str(partition_dir(sink.root, p) / "*.parquet"),
+                             str(tmp_path / f"base{p}.parquet"), SETTINGS)
+               for p in range(2) if again.per_partition[p])
+    assert rows == 4
