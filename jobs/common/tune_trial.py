@@ -6,8 +6,9 @@ by Ray Train. Intermediate results reach Tune through a Train callback
 (`EpochReportsToTune`, built on ray.tune.integration.ray_train.TuneReportCallback): each
 epoch's validation record, as the shared worker loop reports it, is forwarded to the
 trial's Tune session, so ASHA can stop the trial after any epoch. When Tune stops a
-trial, its process dies and with it the TorchTrainer it owns (actors and placement
-groups are fate-shared with their owner).
+trial, its process dies and with it the Train controller and workers it owns (actors
+are fate-shared with their owner); the workers' placement group is not, and
+ReleaseStoppedTrials gives it back.
 
 The teacher is never retrained: every trial loads the same teacher checkpoint.
 
@@ -142,15 +143,13 @@ def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str,
               max_blocks: int, splits, trials_dir: str, latency_batch: int, latency_threads: int) -> None:
     """Tune function trainable. `sample` is the point Optuna drew; `base` the fixed
     DistillConfig settings of the sweep (data, epochs, batch size, workers, ...)."""
-    import ray.tune
-
     from jobs.common.trainer import fit, make_spec
     from jobs.common.tune_space import effective_params
     from jobs.distill import DistillConfig, task_args, validate
     from slmrec.checkpoint import atomic_write_json
     from slmrec.config import from_dict
 
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     out = Path(trials_dir) / trial_id
     params = effective_params(sample, teacher_layers, max_blocks)
     config = from_dict(DistillConfig, {**base, **params, "output": str(out), "teacher": teacher_dir,
