@@ -80,6 +80,10 @@ class TuneConfig(DataFlags, TrainFlags):
 def _ranges(config: TuneConfig):
     from jobs.common.tune_space import check_range
 
+    # Inherited from the training flags but owned by the sweep here: refuse rather than ignore.
+    if config.lr != TrainFlags.lr or config.run_name is not None:
+        raise ValueError("jobs/tune.py searches the learning rate (--lr-range) and names runs itself "
+                         "(--name); --lr and --run-name do not apply")
     lr = check_range("lr", config.lr_range, allow_zero_fixed=False)
     weights = {name: check_range(name, getattr(config, f"{name}_range"), allow_zero_fixed=True)
                for name in ("cos", "l2", "ms")}
