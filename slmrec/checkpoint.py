@@ -63,6 +63,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG via a temporary file, then close it: a report's
+    plot is either the old one or the whole new one."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write `obj` as indented JSON (raises TypeError naming a non-JSON value)."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

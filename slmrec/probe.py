@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmrec.backbones import kept_layer_indices
+from slmrec.checkpoint import atomic_save_figure
 from slmrec.evaluation import EvalProtocol, batch_ranks
 from slmrec.losses import next_item_ce
 from slmrec.metrics import MetricSums
@@ -214,8 +215,5 @@ def plot_probe(results: Mapping[str, Sequence[Mapping[str, Any]]], path: str | P
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
     return path

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, read_metrics
-from slmrec.checkpoint import atomic_write_json, atomic_write_text
-from slmrec.evaluation import EvalProtocol
+from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, protocol_descriptions, read_metrics
+from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 from slmrec.model import SeqRecommender
 
 SPEED_BATCHES = (1, 32, 256)
@@ -36,10 +35,7 @@ def _plot_steps(steps: list[dict[str, float]], path: Path) -> None:
         ax.set(title=term, xlabel="step")
     fig.suptitle("student loss terms (unweighted)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def _sample_batches(dataset, users: int, batch: int) -> list[dict[str, torch.Tensor]]:
@@ -87,9 +83,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
 
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
     plot_curves(student_metrics["history"], output / "training_curve.png", "student")
-    protocols = {p.label: p.description for p in (
-        EvalProtocol("full", mask_history=config.mask_history),
-        EvalProtocol("sampled", num_negatives=config.sampled_negatives, seed=config.seed))}
+    protocols = protocol_descriptions(config.mask_history, config.sampled_negatives, config.seed)
     weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
                "norm_mode": config.norm_mode, "blocks": config.blocks, "student_init": config.student_init}
     report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,

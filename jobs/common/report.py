@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from slmrec.checkpoint import atomic_write_json, atomic_write_text
+from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 from slmrec.evaluation import EvalProtocol
 
 
@@ -40,6 +40,13 @@ def metrics_by_protocol(final: dict[str, float], prefix: str = "test_") -> list[
     return list(rows.values())
 
 
+def protocol_descriptions(mask_history: bool, sampled_negatives: int, seed: int) -> dict[str, str]:
+    """{label: description} of the two protocols every report states next to its numbers."""
+    return {p.label: p.description for p in (
+        EvalProtocol("full", mask_history=mask_history),
+        EvalProtocol("sampled", num_negatives=sampled_negatives, seed=seed))}
+
+
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
                 keys: tuple[str, ...] = ("train/total", "train/ce", "train/cos", "train/l2", "train/ms")) -> None:
     import matplotlib
@@ -61,10 +68,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
     ax_val.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def write_training_report(output_dir: str | Path, title: str, extra: dict[str, Any] | None = None,
@@ -73,9 +77,7 @@ def write_training_report(output_dir: str | Path, title: str, extra: dict[str, A
     out = Path(output_dir)
     metrics = read_metrics(out)
     final, history = metrics["final"], metrics["history"]
-    protocols = {p.label: p.description for p in (
-        EvalProtocol("full", mask_history=mask_history),
-        EvalProtocol("sampled", num_negatives=sampled_negatives, seed=metrics["spec"]["seed"]))}
+    protocols = protocol_descriptions(mask_history, sampled_negatives, metrics["spec"]["seed"])
     report = {"title": title, "final": final, "protocols": protocols, "history": history, **(extra or {})}
     atomic_write_json(out / "report.json", report)
     plot_curves(history, out / "training_curve.png", title)

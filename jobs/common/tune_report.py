@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 from jobs.common.report import markdown_table
 from jobs.common.tune_trial import TRIAL_FILE
 from jobs.common.winner import Candidate
-from slmrec.checkpoint import atomic_write_json, atomic_write_text
+from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 
 COLUMNS = ["trial_id", "status", "student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight",
            "epochs_run", "best_epoch", "valid_NDCG@10", "latency_ms", "trial_latency_ms", "params_total", "test_full/NDCG@10",
@@ -124,10 +124,7 @@ def plot_pareto(rows: list[dict[str, Any]], front_ids: set[str], winner_id: Opti
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    atomic_save_figure(fig, path)
 
 
 def write_winner(output: Path, row: dict[str, Any], rule: str, data: str, extra: dict[str, Any]) -> None:
