@@ -47,7 +47,6 @@ class TrainSpec:
     train_rows: int = 0  # rows of the training dataset, for the schedule and the ETA
     ds_config: dict = field(default_factory=dict)
     eval_batch: int = 256
-    protocols: tuple = ("full",)  # evaluated each epoch on validation; all at test time
     sampled_negatives: int = 999
     mask_history: bool = False
     seed: int = 0
@@ -55,7 +54,6 @@ class TrainSpec:
     shuffle_buffer: int = 2048
     checkpoint_every_steps: int = 0  # 0: once per epoch
     stop_after_steps: int = 0  # >0: stop (as if killed) after this many steps; for tests
-    report_intermediate: bool = True
 
 
 def _rank_world() -> tuple[int, int]:
@@ -259,9 +257,7 @@ def train_loop(config: dict[str, Any]) -> None:
                              "lower --batch-size or add data")
         train_terms = {f"train/{k}": v / n_steps for k, v in sums.items()}
         epoch_seconds = time.time() - epoch_start
-        valid = _evaluate(task, "valid", spec, EvalProtocol(kind=spec.protocols[0], mask_history=spec.mask_history,
-                                                           num_negatives=spec.sampled_negatives, seed=spec.seed),
-                          rank, world)
+        valid = _evaluate(task, "valid", spec, EvalProtocol("full", mask_history=spec.mask_history), rank, world)
         record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_terms,
                   **{f"valid/{k}": v for k, v in valid.items()}}
         state["history"].append(record)
@@ -279,8 +275,7 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s "
                   f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
                   f"at epoch {state['best_epoch']})", flush=True)
-        _report(record if spec.report_intermediate else {"epoch": epoch + 1}, state, best_weights,
-                engine, optimizer, zero, rank)
+        _report(record, state, best_weights, engine, optimizer, zero, rank)
 
     _final_test(task, spec, state, best_weights, engine, optimizer, zero, rank, world, out)
 
