@@ -141,7 +141,7 @@ def run(config: DistillConfig) -> Path:
     init_local_ray()
     teacher_dir = ensure_teacher(config, output)
     validate(config, teacher_dir)
-    splits = load_splits(config.data, config.max_len)
+    splits = load_splits(config.data, config.max_len, config.valid_fraction)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
     fit(config, spec, build_task, task_args(config, teacher_dir), splits.as_dict(),
         run_name_for(config.output, config.run_name))

@@ -92,7 +92,7 @@ def run(config: TeacherConfig) -> Path:
             raise SystemExit(f"--backbone: {e}") from e
     init_local_ray()
     item_table = ensure_item_table(config, output)
-    splits = load_splits(config.data, config.max_len)
+    splits = load_splits(config.data, config.max_len, config.valid_fraction)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
     task_args = {"model": model_args(config, splits.num_items), "item_table": item_table, "seed": config.seed}
     fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))

@@ -274,7 +274,7 @@ def run(config: TuneConfig) -> Path:
 
     from jobs.common.tune_trial import run_trial
 
-    splits = load_splits(config.data, config.max_len)
+    splits = load_splits(config.data, config.max_len, config.valid_fraction)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=_base_settings(config), teacher_dir=str(teacher_dir),
                              teacher_layers=teacher_layers, max_blocks=config.blocks, splits=splits,

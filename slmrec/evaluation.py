@@ -8,7 +8,7 @@ Numbers of the two are not comparable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, Protocol
+from typing import Iterable, Literal, Protocol, Sequence
 
 import torch
 
@@ -52,7 +52,12 @@ def batch_ranks(ranker: Ranker, items: torch.Tensor, targets: torch.Tensor, prot
                 user_ids: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each target for one batch of right-padded histories."""
     users = ranker.user_vectors(items).float()
-    table = ranker.item_table().float()
+    return ranks_from_vectors(users, ranker.item_table().float(), items, targets, protocol, user_ids)
+
+
+def ranks_from_vectors(users: torch.Tensor, table: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                       protocol: EvalProtocol, user_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target given the users' vectors [B, D] and the item table [V, D]."""
     if protocol.kind == "full":
         return full_ranking_ranks(users, table, targets, history_items=items if protocol.mask_history else None)
 
@@ -64,9 +69,16 @@ def batch_ranks(ranker: Ranker, items: torch.Tensor, targets: torch.Tensor, prot
                          seed=protocol.seed, num_items=table.shape[0] - 1, user_ids=user_ids)
 
 
-def evaluate_batches(ranker: Ranker, batches: Iterable[dict[str, torch.Tensor]], protocol: EvalProtocol) -> MetricSums:
-    """Metric sums over batches {"items": [B, L], "targets": [B]} (mergeable across workers)."""
-    sums = MetricSums()
+def evaluate_batches(ranker: Ranker, batches: Iterable[dict[str, torch.Tensor]],
+                     protocols: Sequence[EvalProtocol]) -> list[MetricSums]:
+    """Metric sums per protocol over batches {"items": [B, L], "targets": [B]} (mergeable
+    across workers). Each batch's user vectors are computed once for all protocols: the
+    backbone's forward pass is the expensive part."""
+    sums = [MetricSums() for _ in protocols]
+    table = ranker.item_table().float()
     for batch in batches:
-        sums.add(batch_ranks(ranker, batch["items"], batch["targets"], protocol, batch.get("user_seed")))
+        users = ranker.user_vectors(batch["items"]).float()
+        for protocol, acc in zip(protocols, sums):
+            acc.add(ranks_from_vectors(users, table, batch["items"], batch["targets"], protocol,
+                                       batch.get("user_seed")))
     return sums

@@ -7,9 +7,11 @@ after all of them. The probe measures that for one frozen model:
 1. one backbone forward per batch yields the states after EVERY decoder layer at once;
 2. each layer d gets its own linear readout (hidden -> item_dim, no bias, like the
    model's `score` head) scored against the frozen item table with full-softmax
-   cross-entropy at every valid position (causal, as in training). All readouts train
-   side by side on the same batches with Adam; the backbone, `input_proj` and the item
-   table stay frozen;
+   cross-entropy at the last `positions_per_user` valid positions of each training
+   sequence (causal, as in training). All readouts train side by side on the same
+   batches with Adam; the backbone, `input_proj` and the item table stay frozen, so each
+   training batch goes through the backbone ONCE and its states are reused on every pass
+   (a deep backbone's forward would otherwise dominate the probe's cost many times over);
 3. each readout is evaluated on validation users (last position, full ranking by
    default, via slmrec.evaluation), giving NDCG@10 and friends per layer.
 
@@ -30,9 +32,8 @@ adds, layer by layer, to randomly projected item embeddings.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from torch import nn
 
 from slmrec.backbones import kept_layer_indices
 from slmrec.checkpoint import atomic_save_figure
-from slmrec.evaluation import EvalProtocol, batch_ranks
+from slmrec.evaluation import EvalProtocol, ranks_from_vectors
 from slmrec.losses import next_item_ce
 from slmrec.metrics import MetricSums
 from slmrec.model import SeqRecommender
@@ -79,20 +80,6 @@ def layer_states(model: SeqRecommender, items: torch.Tensor, include_input: bool
     return [s.float() for s in states], out.mask
 
 
-@dataclass
-class _FixedVectors:
-    """A Ranker over user vectors already computed (so one forward serves every layer)."""
-
-    vectors: torch.Tensor
-    table: torch.Tensor
-
-    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        return self.vectors
-
-    def item_table(self) -> torch.Tensor:
-        return self.table
-
-
 def _as_tensors(batch: Mapping[str, Any], device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     if "items" not in batch or "targets" not in batch:
         raise ValueError(f"{split} batch needs 'items' and 'targets', got keys {sorted(batch)}")
@@ -106,39 +93,46 @@ def _as_tensors(batch: Mapping[str, Any], device: torch.device, split: str) -> t
     return items, targets
 
 
-def _repeat(batches: Iterable[Mapping[str, Any]], steps: int) -> Iterator[Mapping[str, Any]]:
-    """`steps` batches, passing over `batches` again as often as needed."""
-    done = 0
-    while True:
-        passed = 0
-        for batch in batches:
-            yield batch
-            done += 1
-            passed += 1
-            if done == steps:
-                return
-        if passed == 0:
-            raise ValueError(f"train_batches ran out after {done} batches but steps={steps}; pass a "
-                             "re-iterable collection (e.g. a list) or fewer steps")
+def last_positions(targets: torch.Tensor, per_user: int) -> torch.Tensor:
+    """Mask of the last `per_user` positions with a target (non-zero) in each row."""
+    has_target = targets != 0
+    from_end = has_target.flip(1).cumsum(1).flip(1)
+    return has_target & (from_end <= per_user)
+
+
+def _frozen_features(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any]], device: torch.device,
+                     include_input: bool, per_user: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """(per-layer states at the kept positions, their targets) for every training batch."""
+    features = []
+    with torch.no_grad():
+        for batch in train_batches:
+            items, targets = _as_tensors(batch, device, "train")
+            keep = last_positions(targets, per_user)
+            states, _ = layer_states(model, items, include_input)
+            features.append(([state[keep] for state in states], targets[keep]))
+    if not features:
+        raise ValueError("train_batches held no batch; nothing to fit the probe's readouts on")
+    return features
 
 
 def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any]],
                  valid_batches: Iterable[Mapping[str, Any]], steps: int = 300, lr: float = 3e-3,
                  seed: int = 0, protocol: EvalProtocol = EvalProtocol(),
-                 include_input: bool = False) -> list[dict[str, Any]]:
+                 include_input: bool = False, positions_per_user: int = 16) -> list[dict[str, Any]]:
     """Fit one linear readout per layer on `train_batches` and rank `valid_batches` with it.
 
     train batches: {"items": [B, L], "targets": [B, L] (0 = no target)}; validation
     batches: {"items": [B, L], "targets": [B]} (slmrec.batching.to_arrays layouts; numpy
     arrays or tensors). One optimiser step per training batch, `steps` in all (the
-    batches are passed over again if needed). Returns one row per layer, shallow to deep:
+    batches are passed over again if needed; their states are kept in memory, about
+    batches x B x positions_per_user x depth x hidden floats, so pass a bounded sample). Returns one row per layer, shallow to deep:
     {"layer": d, "source_layer": index in the full backbone (differs from d under
     interval truncation), "protocol": label, "train_ce": mean readout CE over the last
     steps, then every metric of slmrec.metrics (HR@1/5/10, NDCG@5/10, MRR)}.
     `include_input` adds a layer-0 row (see `layer_states`).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps < 1 or positions_per_user < 1:
+        raise ValueError(f"steps and positions_per_user must be >= 1, got {steps} and {positions_per_user}")
     device = model.item_table.device
     table = model.item_table.float()
     sources = [i + 1 for i in kept_layer_indices(model.full_depth, model.depth,
@@ -156,16 +150,14 @@ def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any
     was_training = model.training
     model.eval()
     try:
-        for batch in _repeat(train_batches, steps):
-            items, targets = _as_tensors(batch, device, "train")
-            keep = targets != 0
-            with torch.no_grad():
-                states, _ = layer_states(model, items, include_input)
+        features = _frozen_features(model, train_batches, device, include_input, positions_per_user)
+        for step in range(steps):
+            states, targets = features[step % len(features)]
             optimizer.zero_grad(set_to_none=True)
             # One backward per layer: the readouts are independent, and holding every
             # layer's [positions, items] logits at once would multiply peak memory by depth.
             for readout, state, history in zip(readouts, states, recent):
-                loss = next_item_ce(score_items(readout(state[keep]), table), targets[keep])
+                loss = next_item_ce(score_items(readout(state), table), targets)
                 loss.backward()
                 history[:] = (history + [loss.item()])[-_TRAIN_CE_WINDOW:]
             optimizer.step()
@@ -177,8 +169,8 @@ def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any
                 states, mask = layer_states(model, items, include_input)
                 for readout, state, layer_sums in zip(readouts, states, sums):
                     vectors = readout(SeqRecommender.last_position(state, mask))
-                    layer_sums.add(batch_ranks(_FixedVectors(vectors, table), items, targets, protocol,
-                                               batch.get("user_seed")))
+                    layer_sums.add(ranks_from_vectors(vectors.float(), table, items, targets, protocol,
+                                                      batch.get("user_seed")))
     finally:
         model.train(was_training)
 

@@ -9,7 +9,7 @@ import torch
 from slmrec.backbones import BackboneConfig
 from slmrec.batching import to_arrays
 from slmrec.model import RecommenderConfig, build_recommender, init_from_teacher
-from slmrec.probe import layer_states, plot_probe, probe_layers
+from slmrec.probe import last_positions, layer_states, plot_probe, probe_layers
 from tests.tiny_llm import FULL_DEPTH, save_tiny_llama
 
 NUM_ITEMS, ITEM_DIM, MAX_LEN = 20, 16, 10
@@ -122,8 +122,8 @@ def test_bad_batches_are_refused(model, data):
         probe_layers(model, valid, valid, steps=1)
     with pytest.raises(ValueError, match="valid targets must have shape"):
         probe_layers(model, train, train, steps=1)
-    with pytest.raises(ValueError, match="ran out after 4 batches"):
-        probe_layers(model, iter(train), valid, steps=5)
+    with pytest.raises(ValueError, match="held no batch"):
+        probe_layers(model, [], valid, steps=1)
     with pytest.raises(ValueError, match="no users"):
         probe_layers(model, train, [], steps=1)
 
@@ -135,3 +135,12 @@ def test_plot_writes_a_png_for_several_models(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="lack 'HR@10'"):
         plot_probe({"teacher": rows(2)}, tmp_path / "x.png", metric="HR@10")
+
+
+def test_last_positions_keeps_the_latest_targets_of_each_row():
+    targets = torch.tensor([[5, 6, 7, 8, 0, 0],
+                            [9, 0, 0, 0, 0, 0],
+                            [1, 2, 3, 4, 5, 6]])
+    assert last_positions(targets, 2).tolist() == [[False, False, True, True, False, False],
+                                                   [True, False, False, False, False, False],
+                                                   [False, False, False, False, True, True]]

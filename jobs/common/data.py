@@ -46,8 +46,18 @@ class Splits:
         return {"train": self.train, "valid": self.valid, "test": self.test}
 
 
-def load_splits(prepared: str, max_len: int) -> Splits:
+def in_validation_subset(user_id, fraction: float) -> bool:
+    """Whether a user belongs to the first `fraction` of users by the stable hash: the same
+    subset in every epoch, run and worker."""
+    return user_seed(user_id) < fraction * 2.0 ** 63
+
+
+def load_splits(prepared: str, max_len: int, valid_fraction: float = 1.0) -> Splits:
+    """Train/valid/test datasets; validation keeps the `valid_fraction` subset of users."""
     import ray.data
+
+    if not 0.0 < valid_fraction <= 1.0:
+        raise ValueError(f"--valid-fraction must be in (0, 1], got {valid_fraction}")
 
     # Training prints its own progress lines; Ray Data's bars would interleave with them.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -61,6 +71,9 @@ def load_splits(prepared: str, max_len: int) -> Splits:
               for name in ("train", "valid", "test")}
     # Evaluation reads its sets every epoch: materialised once (O(users x max_len) in the
     # object store, spilled to disk when large) instead of re-reading the Parquet each time.
+    if valid_fraction < 1.0:
+        splits["valid"] = (long_enough.filter(lambda row: in_validation_subset(row["user_id"], valid_fraction))
+                           .map_batches(_arrays_fn("valid", max_len), batch_format="numpy"))
     splits["valid"] = splits["valid"].materialize()
     splits["test"] = splits["test"].materialize()
     return Splits(users=users, too_short=users - kept, num_items=int(stats["items"]), **splits)

@@ -78,7 +78,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
 
     probe = None
     if config.probe:
-        splits = load_splits(config.data, config.max_len)
+        splits = load_splits(config.data, config.max_len, config.valid_fraction)
         probe = _probe(teacher, splits, config.seed, output)
 
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")

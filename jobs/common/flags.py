@@ -26,6 +26,9 @@ class TrainFlags:
     warmup_steps: int = field(100, help="linear warm-up steps before cosine decay (lr 1e-3 diverges without)")
     num_workers: int = field(1, help="Ray Train workers (processes); each runs one DeepSpeed rank")
     cpus_per_worker: float = field(1.0, help="CPUs reserved per worker (leave some for Ray Data)")
+    torch_threads: int = field(0, help="torch threads per worker (0: as many as CPUs reserved for it); more than "
+                                       "--cpus-per-worker lets a small machine train on every core while Ray "
+                                       "Data keeps a CPU to stream the data")
     use_gpu: bool = field(False, help="one GPU per worker; bf16 when the DeepSpeed config says auto")
     deepspeed_config: str = field("cluster/deepspeed/zero0.json",
                                   help="DeepSpeed JSON (ZeRO stage, clipping, bf16); batch sizes are filled in")
@@ -37,6 +40,8 @@ class TrainFlags:
     max_failures: int = field(0, help="worker failures tolerated; training resumes from the last checkpoint")
     checkpoint_every_steps: int = field(0, help="also checkpoint every N steps (0: once per epoch)")
     eval_batch_size: int = field(256, help="users per evaluation batch")
+    valid_fraction: float = field(1.0, help="share of users (a fixed hash-chosen subset) validated after each "
+                                            "epoch to pick the best one; the final test always scores every user")
     mask_history: bool = field(False, help="exclude each user's history items from full ranking "
                                            "(the generative-recommenders protocol does not)")
     sampled_negatives: int = field(999, help="negatives of the sampled protocol (target + N uniform non-history)")

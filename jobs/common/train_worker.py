@@ -52,6 +52,7 @@ class TrainSpec:
     seed: int = 0
     log_every: int = 20
     shuffle_buffer: int = 2048
+    torch_threads: int = 0  # 0: leave torch's default (Ray sets it from the worker's CPUs)
     checkpoint_every_steps: int = 0  # 0: once per epoch
     stop_after_steps: int = 0  # >0: stop (as if killed) after this many steps; for tests
 
@@ -73,7 +74,9 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _evaluate(task: Task, split: str, spec: TrainSpec, protocol: EvalProtocol, rank: int, world: int) -> dict[str, float]:
+def _evaluate(task: Task, split: str, spec: TrainSpec, protocols: list[EvalProtocol], rank: int,
+              world: int) -> list[dict[str, float]]:
+    """Metrics of every protocol on one split, from a single forward pass per batch."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(split)
@@ -82,10 +85,9 @@ def _evaluate(task: Task, split: str, spec: TrainSpec, protocol: EvalProtocol, r
                if i % world == rank)
     task.model.eval()
     with torch.no_grad():
-        sums = evaluate_batches(task, batches, protocol)
+        per_protocol = evaluate_batches(task, batches, protocols)
     task.model.train()
-    total = MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor()))
-    return total.result()
+    return [MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor())).result() for sums in per_protocol]
 
 
 @contextlib.contextmanager
@@ -188,6 +190,8 @@ def train_loop(config: dict[str, Any]) -> None:
     spec: TrainSpec = config["spec"]
     build_task: Callable[[dict], Task] = config["build_task"]
     rank, world = _rank_world()
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
     torch.manual_seed(spec.seed)
     task = build_task(config["task_args"])
     device = _device()
@@ -257,7 +261,7 @@ def train_loop(config: dict[str, Any]) -> None:
                              "lower --batch-size or add data")
         train_terms = {f"train/{k}": v / n_steps for k, v in sums.items()}
         epoch_seconds = time.time() - epoch_start
-        valid = _evaluate(task, "valid", spec, EvalProtocol("full", mask_history=spec.mask_history), rank, world)
+        valid, = _evaluate(task, "valid", spec, [EvalProtocol("full", mask_history=spec.mask_history)], rank, world)
         record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_terms,
                   **{f"valid/{k}": v for k, v in valid.items()}}
         state["history"].append(record)
@@ -285,12 +289,11 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
     """Evaluate the best model (by validation) on the test users under every protocol."""
     with _full_params(engine, zero, modify=True):
         engine.module.load_state_dict(best_weights, strict=False)
-    results: dict[str, float] = {}
-    for kind in ("full", "sampled"):
-        protocol = EvalProtocol(kind=kind, mask_history=spec.mask_history, num_negatives=spec.sampled_negatives,
-                                seed=spec.seed)
-        metrics = _evaluate(task, "test", spec, protocol, rank, world)
-        results.update({f"test_{protocol.label}/{k}": v for k, v in metrics.items()})
+    protocols = [EvalProtocol(kind=kind, mask_history=spec.mask_history, num_negatives=spec.sampled_negatives,
+                              seed=spec.seed) for kind in ("full", "sampled")]
+    results = {f"test_{protocol.label}/{k}": v
+               for protocol, metrics in zip(protocols, _evaluate(task, "test", spec, protocols, rank, world))
+               for k, v in metrics.items()}
     final = {"best_epoch": state["best_epoch"], f"best_valid/{BEST_METRIC}": state["best"], **results}
     if rank == 0:
         atomic_write_json(out / "metrics.json", {"final": final, "history": state["history"], "steps": state["steps"],

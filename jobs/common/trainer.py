@@ -26,10 +26,24 @@ def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: 
         grad_accum=flags.grad_accum, train_rows=train_rows, ds_config=ds_config,
         eval_batch=flags.eval_batch_size, mask_history=flags.mask_history,
         sampled_negatives=flags.sampled_negatives, seed=flags.seed, log_every=flags.log_every,
-        checkpoint_every_steps=flags.checkpoint_every_steps, stop_after_steps=flags.fail_after_steps)
+        checkpoint_every_steps=flags.checkpoint_every_steps, stop_after_steps=flags.fail_after_steps,
+        torch_threads=flags.torch_threads)
     for key, value in overrides.items():
         setattr(spec, key, value)
     return spec
+
+
+def _check_cpus_left_for_data(flags: TrainFlags) -> None:
+    """Train V2 keeps Ray Data off the CPUs its workers reserve; when they take every CPU of
+    the cluster, the training data never streams and the run hangs without an error."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    reserved = flags.num_workers * flags.cpus_per_worker
+    if reserved <= total < reserved + 1:
+        raise ValueError(f"--num-workers {flags.num_workers} x --cpus-per-worker {flags.cpus_per_worker:g} reserve "
+                         f"{reserved:g} of the cluster's {total:g} CPUs, leaving none for Ray Data to stream the "
+                         f"training data; reserve fewer and use --torch-threads to train on more cores")
 
 
 def run_name_for(output_dir: str, explicit: str | None) -> str:
@@ -43,6 +57,7 @@ def fit(flags: TrainFlags, spec: TrainSpec, build_task: Callable[[dict], Any], t
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    _check_cpus_left_for_data(flags)
     storage = flags.storage_path or str(Path(spec.output_dir) / "ray")
     if "://" not in storage:
         storage = str(Path(storage).resolve())

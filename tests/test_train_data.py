@@ -1,0 +1,36 @@
+"""The training jobs' data and resource plumbing: validation subset, CPUs left for Ray Data."""
+from __future__ import annotations
+
+import pytest
+
+from jobs.common.data import in_validation_subset, load_splits
+from jobs.common.trainer import fit, make_spec
+from jobs.train_teacher import TeacherConfig
+
+
+def test_validation_subset_is_stable_nested_and_about_the_fraction():
+    users = [f"u{i}" for i in range(4000)]
+    half = {u for u in users if in_validation_subset(u, 0.5)}
+    tenth = {u for u in users if in_validation_subset(u, 0.1)}
+    assert all(in_validation_subset(u, 1.0) for u in users)
+    assert tenth < half  # a smaller fraction keeps a subset of a larger one's users
+    assert 1800 < len(half) < 2200 and 300 < len(tenth) < 500
+    assert half == {u for u in users if in_validation_subset(u, 0.5)}
+
+
+def test_valid_fraction_shrinks_validation_only(ray_session, tiny_prepared):
+    full = load_splits(str(tiny_prepared), 12)
+    part = load_splits(str(tiny_prepared), 12, valid_fraction=0.3)
+    assert 0 < part.valid.count() < full.valid.count()
+    assert part.test.count() == full.test.count() == full.valid.count()
+    with pytest.raises(ValueError, match="--valid-fraction must be in"):
+        load_splits(str(tiny_prepared), 12, valid_fraction=0.0)
+
+
+def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp_path):
+    # The test session's Ray has 2 CPUs; two 1-CPU workers would leave Ray Data none and hang.
+    config = TeacherConfig(data=str(tiny_prepared), output=str(tmp_path / "t"), num_workers=2, cpus_per_worker=1.0,
+                           batch_size=4)
+    spec = make_spec(config, config.output, train_rows=64)
+    with pytest.raises(ValueError, match="leaving none for Ray Data"):
+        fit(config, spec, build_task=None, task_args={}, datasets={}, run_name="refused")
