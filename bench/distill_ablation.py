@@ -38,6 +38,10 @@ class AblationConfig:
     max_len: int = field(50, help="history length")
     batch_size: int = field(64, help="micro-batch")
     lr: float = field(1e-3, help="learning rate")
+    warmup_steps: int = field(50, help="linear warm-up steps")
+    student_init: str = field("fresh", help="'fresh' or 'teacher' (see jobs/distill.py)")
+    valid_fraction: float = field(1.0, help="share of users validated each epoch")
+    torch_threads: int = field(0, help="torch threads per worker (0: CPUs reserved for it)")
     seed: int = field(0, help="same seed for every variant")
 
 
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
             run(DistillConfig(data=config.data, teacher=config.teacher, output=str(run_dir),
                               student_layers=config.student_layers, blocks=config.blocks, epochs=config.epochs,
                               max_len=config.max_len, batch_size=config.batch_size, lr=config.lr,
+                              warmup_steps=config.warmup_steps, student_init=config.student_init,
+                              valid_fraction=config.valid_fraction, torch_threads=config.torch_threads,
                               seed=config.seed, probe=False, **weights))
         final = json.loads((run_dir / "metrics.json").read_text())["final"]
         rows.append({"variant": name, **{f"{p} {m}": final[f"test_{p}/{m}"]

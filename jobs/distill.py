@@ -52,6 +52,10 @@ class DistillConfig(DataFlags, TrainFlags, ItemTableFlags):
                                      help="teacher backbone when no --teacher is given")
     prompt: bool = field(True, help="teacher trained first: wrap items in a text instruction if a tokenizer exists")
     probe: bool = field(True, help="run the layer-redundancy probe on the teacher for the report")
+    probe_users: int = field(2048, help="validation (and as many training) users the probe reads")
+    probe_full_backbone: bool = field(False, help="also probe every layer of the untruncated pretrained backbone "
+                                                  "(frozen, teacher's input projection; costs a full-depth "
+                                                  "forward of 2 x --probe-users histories)")
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -144,3 +144,20 @@ def test_last_positions_keeps_the_latest_targets_of_each_row():
     assert last_positions(targets, 2).tolist() == [[False, False, True, True, False, False],
                                                    [True, False, False, False, False, False],
                                                    [False, False, False, False, True, True]]
+
+
+def test_full_backbone_is_every_layer_frozen_without_adapters(tmp_path, data):
+    from jobs.common.distill_report import full_backbone_of
+
+    config = RecommenderConfig(num_items=NUM_ITEMS, item_dim=ITEM_DIM, max_len=MAX_LEN, prompt=False,
+                               backbone=BackboneConfig(name=str(save_tiny_llama(tmp_path / "llm")), layers=2,
+                                                       lora="on"))
+    teacher = build_recommender(config, item_table(), seed=3)
+    whole = full_backbone_of(teacher)
+    assert whole.depth == whole.full_depth == FULL_DEPTH and not whole.training
+    assert not any("lora" in name for name, _ in whole.named_parameters())
+    assert torch.equal(whole.input_proj.weight, teacher.input_proj.weight)
+    assert torch.equal(whole.item_table, teacher.item_table)
+    rows = probe_layers(whole, *data, steps=2, lr=1e-2, seed=0)
+    assert [r["source_layer"] for r in rows] == list(range(1, FULL_DEPTH + 1))
+    assert full_backbone_of(whole) is None  # nothing deeper to probe

@@ -7,6 +7,7 @@ the same whatever the size of the data.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,9 @@ import torch
 
 from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, protocol_descriptions, read_metrics
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
-from slmrec.model import SeqRecommender
+from slmrec.model import SeqRecommender, build_recommender
 
 SPEED_BATCHES = (1, 32, 256)
-PROBE_USERS = 2048
 METRIC_COLS = ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
 
 
@@ -44,15 +44,33 @@ def _sample_batches(dataset, users: int, batch: int) -> list[dict[str, torch.Ten
     return [{k: torch.tensor(v[i:i + batch]) for k, v in rows.items()} for i in range(0, n, batch)]
 
 
-def _probe(teacher: SeqRecommender, splits, seed: int, output: Path) -> dict[str, Any]:
+def full_backbone_of(teacher: SeqRecommender) -> SeqRecommender | None:
+    """The whole pretrained backbone (every layer, frozen, no adapters) reading items through
+    the teacher's trained input projection, or None when the teacher keeps every layer.
+    Probing it asks the paper's question of the untruncated LLM without fine-tuning all
+    of its layers (not affordable on a CPU)."""
+    if teacher.full_depth == teacher.depth:
+        return None
+    backbone = dataclasses.replace(teacher.config.backbone, layers=None, lora="off")
+    config = dataclasses.replace(teacher.config, backbone=backbone, aux_heads=0)
+    model = build_recommender(config, teacher.item_table.detach().clone())
+    model.input_proj.load_state_dict(teacher.input_proj.state_dict())
+    return model.eval()
+
+
+def _probe(teacher: SeqRecommender, splits, seed: int, output: Path, users: int,
+           full_backbone: bool) -> dict[str, Any]:
     from slmrec.probe import plot_probe, probe_layers
 
-    train = _sample_batches(splits.train, PROBE_USERS, 64)
-    valid = _sample_batches(splits.valid, PROBE_USERS, 256)
-    rows = probe_layers(teacher, train, valid, seed=seed)
-    label = f"teacher ({teacher.depth} layers)"
-    plot_probe({label: rows}, output / "layer_probe.png")
-    return {label: rows}
+    train = _sample_batches(splits.train, users, 64)
+    valid = _sample_batches(splits.valid, users, 256)
+    results = {f"teacher ({teacher.depth} layers)": probe_layers(teacher, train, valid, seed=seed)}
+    whole = full_backbone_of(teacher) if full_backbone else None
+    if whole is not None:
+        label = f"full backbone ({whole.depth} layers, frozen, no adapters)"
+        results[label] = probe_layers(whole, train, valid, seed=seed)
+    plot_probe(results, output / "layer_probe.png")
+    return results
 
 
 def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, Any]:
@@ -79,7 +97,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     probe = None
     if config.probe:
         splits = load_splits(config.data, config.max_len, config.valid_fraction)
-        probe = _probe(teacher, splits, config.seed, output)
+        probe = _probe(teacher, splits, config.seed, output, config.probe_users, config.probe_full_backbone)
 
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
     plot_curves(student_metrics["history"], output / "training_curve.png", "student")
@@ -116,8 +134,9 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
               markdown_table(speed_rows, list(speed_rows[0])), "",
               "## Loss terms", "", "![loss terms](loss_terms.png)", "", "![training curve](training_curve.png)", ""]
     if probe:
-        lines += ["## Layer-redundancy probe (validation NDCG@10 of a linear readout per layer)", "",
-                  markdown_table(next(iter(probe.values())), ["layer", "NDCG@10", "HR@10"]), "",
-                  "![layer probe](layer_probe.png)", ""]
+        lines += ["## Layer-redundancy probe (validation NDCG@10 of a linear readout per layer)", ""]
+        for label, rows in probe.items():
+            lines += [f"{label}:", "", markdown_table(rows, ["layer", "source_layer", "NDCG@10", "HR@10"]), ""]
+        lines += ["![layer probe](layer_probe.png)", ""]
     atomic_write_text(output / "REPORT.md", "\n".join(lines))
     return report
