@@ -126,7 +126,7 @@ def ensure_teacher(config: DistillConfig, output: Path) -> Path:
             "data", "max_len", "batch_size", "grad_accum", "lr", "weight_decay", "num_workers", "cpus_per_worker",
             "use_gpu", "deepspeed_config", "seed", "storage_path", "max_failures", "checkpoint_every_steps",
             "eval_batch_size", "mask_history", "sampled_negatives", "log_every", "fail_after_steps", "item_table", "item_dim",
-            "item_epochs", "backbone", "prompt")}
+            "item_epochs", "backbone", "prompt", "torch_threads", "valid_fraction")}
         run_teacher(TeacherConfig(output=str(teacher_out), epochs=config.teacher_epochs,
                                   warmup_steps=max(config.warmup_steps, 1),
                                   run_name=f"{config.run_name}-teacher" if config.run_name else None, **shared))
