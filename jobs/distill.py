@@ -20,6 +20,7 @@ REPORT.md, report.json and PNGs (loss terms, metrics, layer probe).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +123,10 @@ def ensure_teacher(config: DistillConfig, output: Path) -> Path:
     teacher_out = output / "teacher"
     if not (teacher_out / "best" / "meta.json").is_file() or not (teacher_out / "metrics.json").is_file():
         print(f"[distill] no --teacher: training one first into {teacher_out}", flush=True)
-        shared = {name: getattr(config, name) for name in (
-            "data", "max_len", "batch_size", "grad_accum", "lr", "weight_decay", "num_workers", "cpus_per_worker",
-            "use_gpu", "deepspeed_config", "seed", "storage_path", "max_failures", "checkpoint_every_steps",
-            "eval_batch_size", "mask_history", "sampled_negatives", "log_every", "fail_after_steps", "item_table", "item_dim",
-            "item_epochs", "backbone", "prompt", "torch_threads", "valid_fraction")}
+        # Every teacher setting comes from the distillation flags of the same name (the
+        # teacher's flags are a subset of them), except where the teacher run differs.
+        own = {"output", "epochs", "warmup_steps", "run_name"}
+        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TeacherConfig) if f.name not in own}
         run_teacher(TeacherConfig(output=str(teacher_out), epochs=config.teacher_epochs,
                                   warmup_steps=max(config.warmup_steps, 1),
                                   run_name=f"{config.run_name}-teacher" if config.run_name else None, **shared))

@@ -48,11 +48,10 @@ class EvalProtocol:
                                                   else "history items not masked")
 
 
-def batch_ranks(ranker: Ranker, items: torch.Tensor, targets: torch.Tensor, protocol: EvalProtocol,
-                user_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """0-based rank of each target for one batch of right-padded histories."""
-    users = ranker.user_vectors(items).float()
-    return ranks_from_vectors(users, ranker.item_table().float(), items, targets, protocol, user_ids)
+def reported_protocols(mask_history: bool, num_negatives: int, seed: int) -> list[EvalProtocol]:
+    """The two protocols every final test is scored and reported under: full ranking, then sampled."""
+    return [EvalProtocol("full", mask_history=mask_history),
+            EvalProtocol("sampled", num_negatives=num_negatives, seed=seed)]
 
 
 def ranks_from_vectors(users: torch.Tensor, table: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,

@@ -67,13 +67,12 @@ def load_splits(prepared: str, max_len: int, valid_fraction: float = 1.0) -> Spl
     users = int(stats["users"])
     # One row per user: counting is cheap and makes any drop visible.
     kept = long_enough.count()
-    splits = {name: long_enough.map_batches(_arrays_fn(name, max_len), batch_format="numpy")
-              for name in ("train", "valid", "test")}
+    validated = (long_enough if valid_fraction == 1.0 else
+                 long_enough.filter(lambda row: in_validation_subset(row["user_id"], valid_fraction)))
+    splits = {name: source.map_batches(_arrays_fn(name, max_len), batch_format="numpy")
+              for name, source in (("train", long_enough), ("valid", validated), ("test", long_enough))}
     # Evaluation reads its sets every epoch: materialised once (O(users x max_len) in the
     # object store, spilled to disk when large) instead of re-reading the Parquet each time.
-    if valid_fraction < 1.0:
-        splits["valid"] = (long_enough.filter(lambda row: in_validation_subset(row["user_id"], valid_fraction))
-                           .map_batches(_arrays_fn("valid", max_len), batch_format="numpy"))
     splits["valid"] = splits["valid"].materialize()
     splits["test"] = splits["test"].materialize()
     return Splits(users=users, too_short=users - kept, num_items=int(stats["items"]), **splits)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
-from slmrec.evaluation import EvalProtocol
+from slmrec.evaluation import reported_protocols
 
 
 def read_metrics(output_dir: str | Path) -> dict[str, Any]:
@@ -42,9 +42,7 @@ def metrics_by_protocol(final: dict[str, float], prefix: str = "test_") -> list[
 
 def protocol_descriptions(mask_history: bool, sampled_negatives: int, seed: int) -> dict[str, str]:
     """{label: description} of the two protocols every report states next to its numbers."""
-    return {p.label: p.description for p in (
-        EvalProtocol("full", mask_history=mask_history),
-        EvalProtocol("sampled", num_negatives=sampled_negatives, seed=seed))}
+    return {p.label: p.description for p in reported_protocols(mask_history, sampled_negatives, seed)}
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str,

@@ -25,7 +25,7 @@ import torch
 
 from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_state_from_tensors,
                                optimizer_state_to_tensors, save_checkpoint)
-from slmrec.evaluation import EvalProtocol, evaluate_batches
+from slmrec.evaluation import EvalProtocol, evaluate_batches, reported_protocols
 from slmrec.metrics import MetricSums
 from slmrec.schedule import warmup_cosine
 from slmrec.tasks import Task
@@ -289,8 +289,7 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
     """Evaluate the best model (by validation) on the test users under every protocol."""
     with _full_params(engine, zero, modify=True):
         engine.module.load_state_dict(best_weights, strict=False)
-    protocols = [EvalProtocol(kind=kind, mask_history=spec.mask_history, num_negatives=spec.sampled_negatives,
-                              seed=spec.seed) for kind in ("full", "sampled")]
+    protocols = reported_protocols(spec.mask_history, spec.sampled_negatives, spec.seed)
     results = {f"test_{protocol.label}/{k}": v
                for protocol, metrics in zip(protocols, _evaluate(task, "test", spec, protocols, rank, world))
                for k, v in metrics.items()}
