@@ -78,11 +78,14 @@ def test_teacher_resumes_after_failure(ray_session, tiny_prepared, tmp_path):
 
 
 def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
+    """Also the bf16-autocast path: every term must still be computed and move."""
     out = tmp_path / "student"
     config = DistillConfig(data=str(tiny_prepared), teacher=str(teacher_run), output=str(out), student_layers=2,
-                           blocks=2, epochs=2, num_workers=1, **TINY)
+                           blocks=2, epochs=2, num_workers=1, bf16_autocast=True, **TINY)
     run_distill(config)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["spec"]["bf16_autocast"], "the student trains under bf16 mixed precision"
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["final"].values())
     steps = metrics["steps"]
     assert steps, "per-step loss terms are logged"
     for term in ("ce", "cos", "l2", "ms"):

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from slmrec.bucketing import length_buckets
 from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_state_from_tensors,
                                optimizer_state_to_tensors, save_checkpoint)
 from slmrec.evaluation import EvalProtocol, evaluate_batches, reported_protocols
@@ -53,6 +54,8 @@ class TrainSpec:
     log_every: int = 20
     shuffle_buffer: int = 2048
     torch_threads: int = 0  # 0: leave torch's default (Ray sets it from the worker's CPUs)
+    length_window: int = 16  # batches whose rows are sorted by length together (<= 1: trim only)
+    bf16_autocast: bool = False
     checkpoint_every_steps: int = 0  # 0: once per epoch
     stop_after_steps: int = 0  # >0: stop (as if killed) after this many steps; for tests
 
@@ -74,18 +77,40 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _autocast(spec: TrainSpec):
+    return (torch.autocast(_device().type, dtype=torch.bfloat16) if spec.bf16_autocast
+            else contextlib.nullcontext())
+
+
+@dataclass
+class _AutocastRanker:
+    """User vectors from a bf16-autocast forward, ranked in fp32: bf16 scores would tie
+    many items and move the metrics."""
+
+    task: Task
+    spec: TrainSpec
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        with _autocast(self.spec):
+            return self.task.user_vectors(items).float()
+
+    def item_table(self) -> torch.Tensor:
+        return self.task.item_table()
+
+
 def _evaluate(task: Task, split: str, spec: TrainSpec, protocols: list[EvalProtocol], rank: int,
               world: int) -> list[dict[str, float]]:
     """Metrics of every protocol on one split, from a single forward pass per batch."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(split)
-    batches = (b for i, b in enumerate(shard.iter_torch_batches(batch_size=spec.eval_batch, dtypes=torch.long,
+    strided = (b for i, b in enumerate(shard.iter_torch_batches(batch_size=spec.eval_batch, dtypes=torch.long,
                                                                 device=_device()))
                if i % world == rank)
     task.model.eval()
     with torch.no_grad():
-        per_protocol = evaluate_batches(task, batches, protocols)
+        per_protocol = evaluate_batches(_AutocastRanker(task, spec), length_buckets(strided, spec.length_window),
+                                        protocols)
     task.model.train()
     return [MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor())).result() for sums in per_protocol]
 
@@ -234,12 +259,14 @@ def train_loop(config: dict[str, Any]) -> None:
         engine.train()
         sums: dict[str, float] = carried_sums
         n_steps = done_in_epoch
-        for step, batch in enumerate(shard.iter_torch_batches(
-                batch_size=spec.micro_batch, dtypes=torch.long, device=device, drop_last=True,
-                local_shuffle_buffer_size=spec.shuffle_buffer, local_shuffle_seed=spec.seed + epoch), start=1):
+        batches = shard.iter_torch_batches(
+            batch_size=spec.micro_batch, dtypes=torch.long, device=device, drop_last=True,
+            local_shuffle_buffer_size=spec.shuffle_buffer, local_shuffle_seed=spec.seed + epoch)
+        for step, batch in enumerate(length_buckets(batches, spec.length_window, seed=spec.seed + epoch), start=1):
             if step <= done_in_epoch:
                 continue
-            terms = task.loss(batch)
+            with _autocast(spec):
+                terms = task.loss(batch)
             engine.backward(terms.total)
             engine.step()
             state["global_step"] += 1
