@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -32,6 +33,10 @@ from slmrec.schedule import warmup_cosine
 from slmrec.tasks import Task
 
 BEST_METRIC = "NDCG@10"
+
+# A logger, not print: Train V2 forwards a worker's print both to the console and through
+# its logging, so every printed line reached the driver twice.
+log = logging.getLogger("slmrec.train")
 
 
 @dataclass
@@ -201,8 +206,8 @@ class _Progress:
         elapsed = time.time() - self.start
         eta = elapsed / self.done * max(0, self.total - self.done)
         loss = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
-        print(f"[train] epoch {epoch + 1} step {step}/{self.total} {loss} "
-              f"{samples / max(elapsed, 1e-9):.1f} samples/s ETA {eta / 60:.1f} min", flush=True)
+        log.info(f"[train] epoch {epoch + 1} step {step}/{self.total} {loss} "
+                 f"{samples / max(elapsed, 1e-9):.1f} samples/s ETA {eta / 60:.1f} min")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -242,7 +247,7 @@ def train_loop(config: dict[str, Any]) -> None:
         for _ in range(state["global_step"]):
             scheduler.step()
         if rank == 0:
-            print(f"[train] resumed at epoch {state['epoch']} step {state['global_step']}", flush=True)
+            log.info(f"[train] resumed at epoch {state['epoch']} step {state['global_step']}")
 
     out = Path(spec.output_dir)
     shard = ray.train.get_dataset_shard("train")
@@ -303,9 +308,9 @@ def train_loop(config: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         if rank == 0:
             atomic_write_json(out / "history.json", state["history"])
-            print(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s "
-                  f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
-                  f"at epoch {state['best_epoch']})", flush=True)
+            log.info(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s "
+                     f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
+                     f"at epoch {state['best_epoch']})")
         _report(record, state, best_weights, engine, optimizer, zero, rank)
 
     _final_test(task, spec, state, best_weights, engine, optimizer, zero, rank, world, out)
@@ -325,5 +330,5 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
         atomic_write_json(out / "metrics.json", {"final": final, "history": state["history"], "steps": state["steps"],
                                                  "spec": {k: v for k, v in asdict(spec).items() if k != "ds_config"},
                                                  "deepspeed": spec.ds_config})
-        print("[train] test " + json.dumps({k: round(v, 4) for k, v in results.items()}), flush=True)
+        log.info("[train] test " + json.dumps({k: round(v, 4) for k, v in results.items()}))
     _report({**final, "done": 1}, dict(state), best_weights, engine, optimizer, zero, rank)
