@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, protocol_descriptions, read_metrics
+from slmrec.bucketing import length_buckets
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 from slmrec.model import SeqRecommender, build_recommender
 
@@ -38,10 +39,12 @@ def _plot_steps(steps: list[dict[str, float]], path: Path) -> None:
     atomic_save_figure(fig, path)
 
 
-def _sample_batches(dataset, users: int, batch: int) -> list[dict[str, torch.Tensor]]:
+def _sample_batches(dataset, users: int, batch: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The first `users` rows in batches of similar history length (padding trimmed)."""
     rows = dataset.take_batch(users, batch_format="numpy")
     n = len(rows["items"])
-    return [{k: torch.tensor(v[i:i + batch]) for k, v in rows.items()} for i in range(0, n, batch)]
+    batches = [{k: torch.tensor(v[i:i + batch]) for k, v in rows.items()} for i in range(0, n, batch)]
+    return list(length_buckets(batches, window=len(batches), seed=seed))
 
 
 def full_backbone_of(teacher: SeqRecommender) -> SeqRecommender | None:
@@ -62,8 +65,8 @@ def _probe(teacher: SeqRecommender, splits, seed: int, output: Path, users: int,
            full_backbone: bool) -> dict[str, Any]:
     from slmrec.probe import plot_probe, probe_layers
 
-    train = _sample_batches(splits.train, users, 64)
-    valid = _sample_batches(splits.valid, users, 256)
+    train = _sample_batches(splits.train, users, 64, seed)
+    valid = _sample_batches(splits.valid, users, 256, seed)
     results = {f"teacher ({teacher.depth} layers)": probe_layers(teacher, train, valid, seed=seed)}
     whole = full_backbone_of(teacher) if full_backbone else None
     if whole is not None:
