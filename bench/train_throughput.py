@@ -48,6 +48,8 @@ class BenchConfig:
     num_items: int = field(3706, help="catalogue size (ML-1M: 3706)")
     item_dim: int = field(128, help="item table width")
     dtype: Literal["float32", "bfloat16"] = field("float32", help="backbone dtype")
+    bf16_autocast: bool = field(False, help="also time each depth's training step under bf16 autocast (the "
+                                            "jobs' --bf16-autocast), next to the plain step")
     device: Literal["cpu", "cuda"] = field("cpu", help="where to run")
     warmup: int = field(1, help="untimed iterations per model and round")
     repeats: int = field(3, help="timed iterations per model and round")
@@ -72,7 +74,8 @@ def measure(cfg: BenchConfig) -> list[dict[str, Any]]:
     depths = sorted(set(cfg.layers), reverse=True)
     table = torch.randn(cfg.num_items + 1, cfg.item_dim, generator=torch.Generator().manual_seed(cfg.seed))
     models = {k: build(cfg, k, table) for k in depths}
-    runs: dict[int, dict[str, list[float]]] = {k: {"train": [], "infer": [], "step_ms": [], "latency_ms": []}
+    runs: dict[int, dict[str, list[float]]] = {k: {"train": [], "infer": [], "step_ms": [], "latency_ms": [],
+                                                   "train_autocast": []}
                                                for k in depths}
     for r in range(cfg.rounds):
         for k, model in models.items():
@@ -80,6 +83,10 @@ def measure(cfg: BenchConfig) -> list[dict[str, Any]]:
                                      repeats=cfg.repeats, device=cfg.device, seed=cfg.seed)
             infer, = measure_inference(model, seq_len=cfg.seq_len, batch_sizes=(cfg.batch_size,),
                                        warmup=cfg.warmup, repeats=cfg.repeats, device=cfg.device, seed=cfg.seed)
+            if cfg.bf16_autocast:
+                mixed = measure_training(model, seq_len=cfg.seq_len, batch_size=cfg.batch_size, warmup=cfg.warmup,
+                                         repeats=cfg.repeats, device=cfg.device, seed=cfg.seed, bf16_autocast=True)
+                runs[k]["train_autocast"].append(mixed["samples_per_s"])
             runs[k]["train"].append(train["samples_per_s"])
             runs[k]["step_ms"].append(train["step_ms_p50"])
             runs[k]["infer"].append(infer["samples_per_s"])
@@ -89,11 +96,14 @@ def measure(cfg: BenchConfig) -> list[dict[str, Any]]:
     rows = []
     for k in depths:
         counts = models[k].parameter_counts()
-        med = {name: statistics.median(values) for name, values in runs[k].items()}
+        med = {name: statistics.median(values) for name, values in runs[k].items() if values}
         rows.append({"layers": k, "params_total": counts["total"], "params_trainable": counts["trainable"],
                      "train_samples_per_s": med["train"], "train_step_ms": med["step_ms"],
                      "infer_samples_per_s": med["infer"], "infer_latency_ms": med["latency_ms"],
                      "rounds": runs[k]})
+        if cfg.bf16_autocast:
+            rows[-1]["train_autocast_samples_per_s"] = med["train_autocast"]
+            rows[-1]["autocast_speedup"] = med["train_autocast"] / med["train"]
     deep = rows[0]
     for row in rows:
         row["train_speedup"] = row["train_samples_per_s"] / deep["train_samples_per_s"]
@@ -118,6 +128,11 @@ def markdown(cfg: BenchConfig, rows: list[dict[str, Any]], load: tuple[float, fl
         lines.append(f"| {r['layers']} | {r['params_total'] / 1e6:.1f}M | {r['params_trainable'] / 1e6:.2f}M "
                      f"| {r['train_samples_per_s']:.2f} | {r['train_step_ms']:.0f} | {r['infer_samples_per_s']:.2f} "
                      f"| {r['infer_latency_ms']:.0f} | {r['train_speedup']:.2f}x | {r['infer_speedup']:.2f}x |")
+    if cfg.bf16_autocast:
+        lines += ["", "| layers | train samples/s, fp32 | train samples/s, bf16 autocast | autocast speed-up |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['layers']} | {r['train_samples_per_s']:.2f} | {r['train_autocast_samples_per_s']:.2f} "
+                  f"| {r['autocast_speedup']:.2f}x |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

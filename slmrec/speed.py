@@ -144,11 +144,13 @@ def _task(model_or_task: SeqRecommender | SASRec | Task) -> Task:
 
 def measure_training(model_or_task: SeqRecommender | SASRec | Task, num_items: int | None = None,
                      seq_len: int = 50, batch_size: int = 32, warmup: int = 1, repeats: int = 5,
-                     device: str | torch.device = "cpu", seed: int = 0, lr: float = 1e-4) -> dict[str, Any]:
+                     device: str | torch.device = "cpu", seed: int = 0, lr: float = 1e-4,
+                     bf16_autocast: bool = False) -> dict[str, Any]:
     """Training speed at one batch: {batch_size, seq_len, samples_per_s, tokens_per_s,
     step_ms_p50, step_ms_p99}. A sample is one user sequence trained at all `seq_len`
-    positions in one causal pass. The trained module's weights and mode are restored
-    afterwards (the optimiser state is discarded)."""
+    positions in one causal pass; `bf16_autocast` runs the forward as the training jobs'
+    --bf16-autocast does. The trained module's weights and mode are restored afterwards
+    (the optimiser state is discarded)."""
     device = torch.device(device)
     task = _task(model_or_task)
     module = task.model
@@ -167,7 +169,9 @@ def measure_training(model_or_task: SeqRecommender | SASRec | Task, num_items: i
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        task.loss(batch).total.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+            loss = task.loss(batch).total
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 

@@ -55,10 +55,12 @@ def test_inference_accepts_sasrec_and_checks_num_items():
         measure_inference(torch.nn.Linear(2, 2), seq_len=4, batch_sizes=(1,), repeats=1)
 
 
-def test_training_step_rate_and_model_restored():
+@pytest.mark.parametrize("bf16_autocast", [False, True])
+def test_training_step_rate_and_model_restored(bf16_autocast):
     model = recommender(2).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = measure_training(model, seq_len=8, batch_size=4, warmup=1, repeats=2, lr=1e-1)
+    result = measure_training(model, seq_len=8, batch_size=4, warmup=1, repeats=2, lr=1e-1,
+                              bf16_autocast=bf16_autocast)
     assert result["batch_size"] == 4 and result["seq_len"] == 8
     assert result["samples_per_s"] > 0
     assert result["tokens_per_s"] == pytest.approx(8 * result["samples_per_s"])
@@ -75,3 +77,18 @@ def test_training_times_a_distillation_task():
     frozen.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameter"):
         measure_training(frozen, seq_len=4, batch_size=1, repeats=1)
+
+
+def test_throughput_bench_reports_autocast_side_by_side(tmp_path):
+    import json
+
+    from bench.train_throughput import main
+
+    main(["--layers", "2", "1", "--hidden", "16", "--heads", "2", "--kv-heads", "1", "--intermediate", "32",
+          "--num-items", "20", "--item-dim", "8", "--seq-len", "4", "--batch-size", "2", "--rounds", "1",
+          "--repeats", "1", "--warmup", "0", "--bf16-autocast", "--output", str(tmp_path)])
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert [r["layers"] for r in rows] == [2, 1]
+    for r in rows:
+        assert r["autocast_speedup"] == pytest.approx(r["train_autocast_samples_per_s"] / r["train_samples_per_s"])
+    assert "bf16 autocast" in (tmp_path / "throughput.md").read_text()
