@@ -32,12 +32,34 @@ def trim_padding(batch: Batch) -> Batch:
     return {k: v[:, :width] if v.dim() == 2 and v.shape == items.shape else v for k, v in batch.items()}
 
 
+def deal_rows(lengths: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Row indices of each batch: non-empty rows in order of length (stable: equal lengths
+    keep their shuffled arrival order), and the empty rows (a 3-item user has no training
+    pair) spread evenly over the batches: they cost nothing at any width, and sorted
+    together they would fill batches without a single target."""
+    if sum(sizes) != len(lengths):
+        raise ValueError(f"batch sizes {sizes} do not add up to the {len(lengths)} rows")
+    empty = torch.nonzero(lengths == 0).flatten()
+    filled = torch.nonzero(lengths > 0).flatten()
+    filled = filled[torch.argsort(lengths[filled], stable=True)]
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    # Empty rows dealt before batch i: proportional to the rows before it.
+    empties = [len(empty) * b // len(lengths) for b in bounds]
+    chunks, used = [], 0
+    for i, size in enumerate(sizes):
+        n_filled = size - (empties[i + 1] - empties[i])
+        chunks.append(torch.cat([filled[used:used + n_filled], empty[empties[i]:empties[i + 1]]]))
+        used += n_filled
+    return chunks
+
+
 def _sorted_chunks(window: list[Batch], generator: torch.Generator | None) -> list[Batch]:
     sizes = [len(b["items"]) for b in window]
     merged = {k: torch.cat([b[k] for b in window]) for k in window[0]}
-    # Stable sort: equal lengths keep their (shuffled) arrival order.
-    order = torch.argsort((merged["items"] != 0).sum(dim=1), stable=True)
-    chunks = [{k: v[index] for k, v in merged.items()} for index in torch.split(order, sizes)]
+    order = deal_rows((merged["items"] != 0).sum(dim=1), sizes)
+    chunks = [{k: v[index] for k, v in merged.items()} for index in order]
     if generator is not None:
         chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
     return [trim_padding(chunk) for chunk in chunks]

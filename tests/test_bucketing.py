@@ -1,9 +1,10 @@
 """Length bucketing: trimmed padding changes no result; re-dealt rows are all kept."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from slmrec.bucketing import length_buckets, trim_padding
+from slmrec.bucketing import deal_rows, length_buckets, trim_padding
 from slmrec.model import build_recommender
 from slmrec.tasks import NextItemTask
 from tests.test_model import item_table, scratch
@@ -86,3 +87,16 @@ def test_window_of_one_only_trims():
     out = list(length_buckets(batches, window=1, seed=0))
     assert [b["user_seed"].tolist() for b in out] == [b["user_seed"].tolist() for b in batches]
     assert [b["items"].shape[1] for b in out] == [8, 7, 8, 2, 3, 6]
+
+
+def test_empty_rows_are_spread_over_the_batches():
+    # Rows 1 (5 items) and 4 (3 items) are non-empty; 4 empty rows over batches of 2, 2, 2.
+    chunks = deal_rows(torch.tensor([0, 5, 0, 0, 3, 0]), [2, 2, 2])
+    assert [c.tolist() for c in chunks] == [[4, 0], [1, 2], [3, 5]]
+    with pytest.raises(ValueError, match="add up"):
+        deal_rows(torch.tensor([1, 2, 3]), [2, 2])
+    # Half the rows empty (users with no training pair): no batch may end up without a target.
+    lengths = [0, 4] * 8 + [0, 0, 2, 6] * 4
+    out = list(length_buckets(_windows(lengths, 4), window=len(lengths) // 4, seed=0))
+    assert all((b["items"] != 0).any() for b in out)
+    assert _rows(out) == _rows(_windows(lengths, 4))
