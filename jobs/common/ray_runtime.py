@@ -6,6 +6,7 @@ starts a local instance bounded to `num_cpus` and bound to loopback.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -43,9 +44,32 @@ def init_local_ray(num_cpus: int | None = 2) -> None:
         # passing another here would override it.
         ray.init()
         return
-    # Workers import slmrec/pipelines/jobs from the repository root.
-    ray.init(num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": {**DEFAULT_ENV, "PYTHONPATH": _pythonpath()}})
+    # Ray Train V2's PlacementGroupCleaner asks the State API whether the run's controller is
+    # alive, and without RAY_ADDRESS that API resolves the most recently started Ray instance
+    # on the machine: with a second local instance (another job, or tests next to a job) it
+    # found no such controller and removed a healthy run's placement group, killing its
+    # workers. So the GCS port is fixed before start and the workers get their own cluster's
+    # address; the dashboard (loopback only) serves the State API the cleaner needs.
+    address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
+    os.environ["RAY_GCS_SERVER_PORT"] = address.rsplit(":", 1)[1]
+    try:
+        # Workers import slmrec/pipelines/jobs from the repository root.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": {**DEFAULT_ENV, "PYTHONPATH": _pythonpath(),
+                                           "RAY_ADDRESS": address}})
+    finally:
+        # Read once at start; a Ray started later by a child process must pick its own port.
+        del os.environ["RAY_GCS_SERVER_PORT"]
+    started = ray.get_runtime_context().gcs_address
+    if started != address:
+        ray.shutdown()
+        raise RuntimeError(f"local Ray started at {started}, not at the reserved {address}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _pythonpath() -> str:
