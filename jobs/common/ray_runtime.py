@@ -1,7 +1,7 @@
 """Connect to Ray the same way in every job.
 
 Under `ray job submit` (or with RAY_ADDRESS set) the job joins that cluster; otherwise it
-starts a local instance bounded to `num_cpus` and bound to loopback.
+starts a local instance bounded to `num_cpus`, its dashboard on loopback only.
 """
 from __future__ import annotations
 
