@@ -74,9 +74,8 @@ def measure(cfg: BenchConfig) -> list[dict[str, Any]]:
     depths = sorted(set(cfg.layers), reverse=True)
     table = torch.randn(cfg.num_items + 1, cfg.item_dim, generator=torch.Generator().manual_seed(cfg.seed))
     models = {k: build(cfg, k, table) for k in depths}
-    runs: dict[int, dict[str, list[float]]] = {k: {"train": [], "infer": [], "step_ms": [], "latency_ms": [],
-                                                   "train_autocast": []}
-                                               for k in depths}
+    series = ["train", "infer", "step_ms", "latency_ms"] + (["train_autocast"] if cfg.bf16_autocast else [])
+    runs: dict[int, dict[str, list[float]]] = {k: {name: [] for name in series} for k in depths}
     for r in range(cfg.rounds):
         for k, model in models.items():
             train = measure_training(model, seq_len=cfg.seq_len, batch_size=cfg.batch_size, warmup=cfg.warmup,
@@ -96,7 +95,7 @@ def measure(cfg: BenchConfig) -> list[dict[str, Any]]:
     rows = []
     for k in depths:
         counts = models[k].parameter_counts()
-        med = {name: statistics.median(values) for name, values in runs[k].items() if values}
+        med = {name: statistics.median(values) for name, values in runs[k].items()}
         rows.append({"layers": k, "params_total": counts["total"], "params_trainable": counts["trainable"],
                      "train_samples_per_s": med["train"], "train_step_ms": med["step_ms"],
                      "infer_samples_per_s": med["infer"], "infer_latency_ms": med["latency_ms"],

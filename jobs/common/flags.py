@@ -32,7 +32,7 @@ class TrainFlags:
     length_bucket_window: int = field(16, help="sort the rows of every N consecutive batches by history length, "
                                                "so a batch pads only to its own longest row (0: keep the "
                                                "shuffled order; all-padding columns are cut either way)")
-    bf16_autocast: bool = field(False, help="bf16 mixed precision (torch.autocast) in the workers: ~1.8x faster "
+    bf16_autocast: bool = field(False, help="bf16 mixed precision (torch.autocast) in the workers: ~1.6x faster "
                                             "training on CPUs with AVX512-BF16/AMX; weights, optimizer state and "
                                             "ranking stay fp32 (GPU workers get bf16 from the DeepSpeed config)")
     use_gpu: bool = field(False, help="one GPU per worker; bf16 when the DeepSpeed config says auto")

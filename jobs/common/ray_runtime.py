@@ -50,8 +50,9 @@ def init_local_ray(num_cpus: int | None = 2) -> None:
     # found no such controller and removed a healthy run's placement group, killing its
     # workers. So the GCS port is fixed before start and the workers get their own cluster's
     # address; the dashboard (loopback only) serves the State API the cleaner needs.
-    address = f"{ray.util.get_node_ip_address()}:{_free_port()}"
-    os.environ["RAY_GCS_SERVER_PORT"] = address.rsplit(":", 1)[1]
+    port = _free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         # Workers import slmrec/pipelines/jobs from the repository root.
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",

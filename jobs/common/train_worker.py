@@ -82,9 +82,8 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _autocast(spec: TrainSpec):
-    return (torch.autocast(_device().type, dtype=torch.bfloat16) if spec.bf16_autocast
-            else contextlib.nullcontext())
+def _autocast(spec: TrainSpec) -> torch.autocast:
+    return torch.autocast(_device().type, dtype=torch.bfloat16, enabled=spec.bf16_autocast)
 
 
 @dataclass
