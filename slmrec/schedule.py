@@ -6,6 +6,7 @@ warm-up is part of every training run, not an option.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -23,3 +24,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
                   floor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, floor))
+
+
+def resume_at(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Put a freshly built `scheduler` at optimiser step `step`, as after `step` steps.
+
+    A resumed run replays its (possibly re-lengthened) schedule before any optimiser step
+    has run in the new process; torch warns about exactly that order, wrongly here.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()

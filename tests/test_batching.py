@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from slmrec.batching import eval_pair, to_arrays, train_pair
-from slmrec.schedule import warmup_cosine_factor
 
 
 def test_train_pair_all_positions():
@@ -36,11 +35,3 @@ def test_to_arrays_right_pads():
 def test_too_short_sequences_are_refused():
     with pytest.raises(ValueError, match="shorter than 3"):
         to_arrays([[1, 2]], "valid", max_len=3)
-
-
-def test_warmup_cosine():
-    assert warmup_cosine_factor(0, 4, 12) == pytest.approx(0.25)
-    assert warmup_cosine_factor(3, 4, 12) == pytest.approx(1.0)
-    assert warmup_cosine_factor(8, 4, 12) == pytest.approx(0.5)  # half way through the cosine
-    assert warmup_cosine_factor(12, 4, 12) == pytest.approx(0.0)
-    assert warmup_cosine_factor(12, 4, 12, floor=0.1) == pytest.approx(0.1)

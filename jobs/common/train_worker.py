@@ -29,7 +29,7 @@ from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_sta
                                optimizer_state_to_tensors, save_checkpoint)
 from slmrec.evaluation import EvalProtocol, evaluate_batches, reported_protocols
 from slmrec.metrics import MetricSums
-from slmrec.schedule import warmup_cosine
+from slmrec.schedule import resume_at, warmup_cosine
 from slmrec.tasks import Task
 
 BEST_METRIC = "NDCG@10"
@@ -243,8 +243,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if resumed is not None:
         with resumed.as_directory() as d:
             state, best_weights = _restore(d, engine, optimizer, zero)
-        for _ in range(state["global_step"]):
-            scheduler.step()
+        resume_at(scheduler, state["global_step"])
         if rank == 0:
             log.info(f"[train] resumed at epoch {state['epoch']} step {state['global_step']}")
 
