@@ -56,7 +56,8 @@ class DistillConfig(DataFlags, TrainFlags, ItemTableFlags):
     probe_users: int = field(2048, help="validation (and as many training) users the probe reads")
     probe_full_backbone: bool = field(False, help="also probe every layer of the untruncated pretrained backbone "
                                                   "(frozen, teacher's input projection; costs a full-depth "
-                                                  "forward of 2 x --probe-users histories)")
+                                                  "forward of 2 x --probe-users histories, in bf16 "
+                                                  "under --bf16-autocast)")
 
 
 def resolve_model_dir(path: str | Path) -> Path:

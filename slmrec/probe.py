@@ -100,15 +100,24 @@ def last_positions(targets: torch.Tensor, per_user: int) -> torch.Tensor:
     return has_target & (from_end <= per_user)
 
 
+def _frozen_states(model: SeqRecommender, items: torch.Tensor, include_input: bool, autocast: bool
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`layer_states` of the frozen model, its forward optionally under bf16 autocast (the
+    states come back fp32, so the readouts train and rank in fp32 either way)."""
+    with torch.no_grad(), torch.autocast(items.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return layer_states(model, items, include_input)
+
+
 def _frozen_features(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any]], device: torch.device,
-                     include_input: bool, per_user: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+                     include_input: bool, per_user: int, autocast: bool
+                     ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
     """(per-layer states at the kept positions, their targets) for every training batch."""
     features = []
     with torch.no_grad():
         for batch in train_batches:
             items, targets = _as_tensors(batch, device, "train")
             keep = last_positions(targets, per_user)
-            states, _ = layer_states(model, items, include_input)
+            states, _ = _frozen_states(model, items, include_input, autocast)
             features.append(([state[keep] for state in states], targets[keep]))
     if not features:
         raise ValueError("train_batches held no batch; nothing to fit the probe's readouts on")
@@ -118,7 +127,8 @@ def _frozen_features(model: SeqRecommender, train_batches: Iterable[Mapping[str,
 def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any]],
                  valid_batches: Iterable[Mapping[str, Any]], steps: int = 300, lr: float = 3e-3,
                  seed: int = 0, protocol: EvalProtocol = EvalProtocol(),
-                 include_input: bool = False, positions_per_user: int = 16) -> list[dict[str, Any]]:
+                 include_input: bool = False, positions_per_user: int = 16,
+                 autocast: bool = False) -> list[dict[str, Any]]:
     """Fit one linear readout per layer on `train_batches` and rank `valid_batches` with it.
 
     train batches: {"items": [B, L], "targets": [B, L] (0 = no target)}; validation
@@ -129,7 +139,8 @@ def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any
     {"layer": d, "source_layer": index in the full backbone (differs from d under
     interval truncation), "protocol": label, "train_ce": mean readout CE over the last
     steps, then every metric of slmrec.metrics (HR@1/5/10, NDCG@5/10, MRR)}.
-    `include_input` adds a layer-0 row (see `layer_states`).
+    `include_input` adds a layer-0 row (see `layer_states`). `autocast` runs the frozen
+    model's forwards (most of the probe's cost for a deep backbone) under bf16 autocast.
     """
     if steps < 1 or positions_per_user < 1:
         raise ValueError(f"steps and positions_per_user must be >= 1, got {steps} and {positions_per_user}")
@@ -150,7 +161,7 @@ def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any
     was_training = model.training
     model.eval()
     try:
-        features = _frozen_features(model, train_batches, device, include_input, positions_per_user)
+        features = _frozen_features(model, train_batches, device, include_input, positions_per_user, autocast)
         for step in range(steps):
             states, targets = features[step % len(features)]
             optimizer.zero_grad(set_to_none=True)
@@ -166,7 +177,7 @@ def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any
         with torch.no_grad():
             for batch in valid_batches:
                 items, targets = _as_tensors(batch, device, "valid")
-                states, mask = layer_states(model, items, include_input)
+                states, mask = _frozen_states(model, items, include_input, autocast)
                 for readout, state, layer_sums in zip(readouts, states, sums):
                     vectors = readout(SeqRecommender.last_position(state, mask))
                     layer_sums.add(ranks_from_vectors(vectors.float(), table, items, targets, protocol,

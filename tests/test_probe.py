@@ -100,6 +100,19 @@ def test_readouts_train_and_beat_an_untrained_readout(model, data):
     assert model.training is True
 
 
+def test_autocast_probe_reads_nearly_the_same_states(model, data):
+    """bf16 forwards shift the frozen states slightly; the fp32 readouts still fit them and
+    rank about as well (a bf16 ranking would also tie far more scores)."""
+    train, valid = data
+    exact = probe_layers(model, train, valid, steps=60, lr=1e-2, seed=0)
+    fast = probe_layers(model, train, valid, steps=60, lr=1e-2, seed=0, autocast=True)
+    assert [r["layer"] for r in fast] == [r["layer"] for r in exact]
+    for a, b in zip(exact, fast):
+        assert b["NDCG@10"] == pytest.approx(a["NDCG@10"], abs=0.05)
+        assert b["train_ce"] == pytest.approx(a["train_ce"], rel=0.1)
+        assert b["train_ce"] != a["train_ce"], "the autocast path must really run in bf16"
+
+
 def test_probe_leaves_model_weights_alone(data):
     model = build_recommender(scratch(2), item_table(), seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}

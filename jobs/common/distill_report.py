@@ -62,16 +62,16 @@ def full_backbone_of(teacher: SeqRecommender) -> SeqRecommender | None:
 
 
 def _probe(teacher: SeqRecommender, splits, seed: int, output: Path, users: int,
-           full_backbone: bool) -> dict[str, Any]:
+           full_backbone: bool, autocast: bool) -> dict[str, Any]:
     from slmrec.probe import plot_probe, probe_layers
 
     train = _sample_batches(splits.train, users, 64, seed)
     valid = _sample_batches(splits.valid, users, 256, seed)
-    results = {f"teacher ({teacher.depth} layers)": probe_layers(teacher, train, valid, seed=seed)}
+    results = {f"teacher ({teacher.depth} layers)": probe_layers(teacher, train, valid, seed=seed, autocast=autocast)}
     whole = full_backbone_of(teacher) if full_backbone else None
     if whole is not None:
         label = f"full backbone ({whole.depth} layers, frozen, no adapters)"
-        results[label] = probe_layers(whole, train, valid, seed=seed)
+        results[label] = probe_layers(whole, train, valid, seed=seed, autocast=autocast)
     plot_probe(results, output / "layer_probe.png")
     return results
 
@@ -100,7 +100,8 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     probe = None
     if config.probe:
         splits = load_splits(config.data, config.max_len, config.valid_fraction)
-        probe = _probe(teacher, splits, config.seed, output, config.probe_users, config.probe_full_backbone)
+        probe = _probe(teacher, splits, config.seed, output, config.probe_users, config.probe_full_backbone,
+                       config.bf16_autocast)
 
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
     plot_curves(student_metrics["history"], output / "training_curve.png", "student")
@@ -137,7 +138,9 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
               markdown_table(speed_rows, list(speed_rows[0])), "",
               "## Loss terms", "", "![loss terms](loss_terms.png)", "", "![training curve](training_curve.png)", ""]
     if probe:
-        lines += ["## Layer-redundancy probe (validation NDCG@10 of a linear readout per layer)", ""]
+        lines += ["## Layer-redundancy probe (validation NDCG@10 of a linear readout per layer)", "",
+                  f"{config.probe_users} users; frozen forwards in "
+                  f"{'bf16 autocast' if config.bf16_autocast else 'fp32'}, readouts fp32.", ""]
         for label, rows in probe.items():
             lines += [f"{label}:", "", markdown_table(rows, ["layer", "source_layer", "NDCG@10", "HR@10"]), ""]
         lines += ["![layer probe](layer_probe.png)", ""]
