@@ -113,12 +113,11 @@ def _frozen_features(model: SeqRecommender, train_batches: Iterable[Mapping[str,
                      ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
     """(per-layer states at the kept positions, their targets) for every training batch."""
     features = []
-    with torch.no_grad():
-        for batch in train_batches:
-            items, targets = _as_tensors(batch, device, "train")
-            keep = last_positions(targets, per_user)
-            states, _ = _frozen_states(model, items, include_input, autocast)
-            features.append(([state[keep] for state in states], targets[keep]))
+    for batch in train_batches:
+        items, targets = _as_tensors(batch, device, "train")
+        keep = last_positions(targets, per_user)
+        states, _ = _frozen_states(model, items, include_input, autocast)
+        features.append(([state[keep] for state in states], targets[keep]))
     if not features:
         raise ValueError("train_batches held no batch; nothing to fit the probe's readouts on")
     return features
