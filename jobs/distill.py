@@ -4,7 +4,8 @@ The student is the teacher's architecture with fewer layers and FRESH projection
 LoRA (or teacher-initialised with --student-init teacher, an option to measure). Loss:
 CE + sum over B blocks of [cos_weight * (1 - cos) + l2_weight * ||h_s - h_t||] between
 paired teacher/student block outputs + ms_weight * CE of B-1 extra score heads on the
-student's intermediate blocks. Every term is logged separately.
+student's intermediate blocks (+ kd_weight * T^2 * KL of the teacher's logits, our
+addition, off by default). Every term is logged separately.
 
 Submit to a running cluster (or use `python` alone for a local run):
     ray job submit --working-dir . -- python jobs/distill.py --data out/ml-1m \\
@@ -42,6 +43,9 @@ class DistillConfig(DataFlags, TrainFlags, ItemTableFlags):
     cos_weight: float = field(1.0, help="feature direction alignment weight (1 - cos per block)")
     l2_weight: float = field(0.1, help="feature norm regularisation weight")
     ms_weight: float = field(1.0, help="multiple supervision weight (B-1 extra score heads)")
+    kd_weight: float = field(0.0, help="logit distillation weight: T^2 * KL(teacher || student) over all items "
+                                       "(not in the paper, whose student never sees the teacher's logits)")
+    kd_temperature: float = field(1.0, help="softmax temperature T of the logit distillation term")
     norm_mode: Literal["distance", "norm"] = field("distance", help="norm term: ||h_s - h_t|| (reference code) "
                                                                   "or | ||h_s|| - ||h_t|| | (paper's wording)")
     student_init: Literal["fresh", "teacher"] = field("fresh", help="fresh weights (the paper) or the teacher's "
@@ -86,12 +90,16 @@ def build_task(args: dict):
                        num_blocks=args["blocks"])
 
 
+def loss_weights(config: DistillConfig) -> dict:
+    """The keyword arguments of slmrec.losses.DistillWeights the flags ask for."""
+    return {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
+            "norm_mode": config.norm_mode, "kd": config.kd_weight, "kd_temperature": config.kd_temperature}
+
+
 def task_args(config: DistillConfig, teacher_dir: Path) -> dict:
     """The picklable arguments of `build_task` (shared with jobs/tune.py's trials)."""
-    weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
-               "norm_mode": config.norm_mode}
     return {"teacher": str(teacher_dir), "student_layers": config.student_layers, "blocks": config.blocks,
-            "aux_heads": config.blocks - 1 if config.ms_weight > 0 else 0, "weights": weights,
+            "aux_heads": config.blocks - 1 if config.ms_weight > 0 else 0, "weights": loss_weights(config),
             "student_init": config.student_init, "seed": config.seed}
 
 

@@ -1,4 +1,5 @@
-"""Training losses: next-item cross-entropy and SLMRec's three distillation terms.
+"""Training losses: next-item cross-entropy, SLMRec's three distillation terms, and an
+optional logit-distillation term that is not part of the paper (off by default).
 
 Conventions: logits have N+1 columns and column 0 (padding) is never a prediction, so it
 is left out of the softmax; targets equal to 0 are padding and are not counted. Hidden
@@ -22,6 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 NormMode = Literal["distance", "norm"]
+
+# Every loss term a training step reports, in logging order.
+TERM_NAMES = ("total", "ce", "cos", "l2", "ms", "kd")
 
 
 def next_item_ce(logits: Tensor, targets: Tensor, ignore_index: int = 0) -> Tensor:
@@ -96,21 +100,54 @@ def multiple_supervision(aux_logits: Sequence[Tensor], targets: Tensor) -> Tenso
     return torch.stack([next_item_ce(logits, targets) for logits in aux_logits]).sum()
 
 
+def logit_distillation(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+                       temperature: float = 1.0, ignore_index: int = 0) -> Tensor:
+    """Mean over non-padding targets of T^2 * KL(softmax(t/T) || softmax(s/T)) over items 1..N.
+
+    Not one of SLMRec's terms: the classic response-based distillation (Hinton et al.),
+    which hands the student the teacher's whole ranking instead of one target item. The
+    T^2 factor keeps its gradient scale independent of the temperature.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    keep = targets != ignore_index
+    if not keep.any():
+        raise ValueError("every target is padding; the distillation mean is undefined")
+    s = F.log_softmax(student_logits[keep][:, 1:].float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach()[keep][:, 1:].float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
 @dataclass(frozen=True)
 class DistillWeights:
-    """Loss weights (reference: cos 1.0, l2 0.1, ms 1.0). A weight of 0 skips that term."""
+    """Loss weights (reference: cos 1.0, l2 0.1, ms 1.0). A weight of 0 skips that term.
+
+    kd (logit distillation at kd_temperature) is our addition, 0 by default: the paper's
+    student never sees the teacher's logits."""
 
     cos: float = 1.0
     l2: float = 0.1
     ms: float = 1.0
     norm_mode: NormMode = "distance"
+    kd: float = 0.0
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("cos", "l2", "ms"):
+        for name in ("cos", "l2", "ms", "kd"):
             if getattr(self, name) < 0:
                 raise ValueError(f"distillation weight {name} must be >= 0, got {getattr(self, name)}")
         if self.norm_mode not in ("distance", "norm"):
             raise ValueError(f"norm_mode must be 'distance' or 'norm', got {self.norm_mode!r}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+
+    @property
+    def needs_teacher_blocks(self) -> bool:
+        return self.cos > 0 or self.l2 > 0
 
 
 @dataclass
@@ -126,10 +163,11 @@ class LossTerms:
     cos: Tensor
     l2: Tensor
     ms: Tensor
+    kd: Tensor
 
     def as_dict(self) -> dict[str, float]:
-        """Plain floats for logging (keys: total, ce, cos, l2, ms)."""
-        return {name: float(getattr(self, name).detach()) for name in ("total", "ce", "cos", "l2", "ms")}
+        """Plain floats for logging, keyed by TERM_NAMES."""
+        return {name: float(getattr(self, name).detach()) for name in TERM_NAMES}
 
 
 def distillation_loss(
@@ -140,12 +178,14 @@ def distillation_loss(
     targets: Tensor,
     mask: Tensor | None,
     weights: DistillWeights = DistillWeights(),
+    teacher_logits: Tensor | None = None,
 ) -> LossTerms:
-    """total = ce + w.cos * sum_b(1 - cos) + w.l2 * sum_b(norm term) + w.ms * sum_heads(ce).
+    """total = ce + w.cos * sum_b(1 - cos) + w.l2 * sum_b(norm term) + w.ms * sum_heads(ce)
+    + w.kd * logit distillation.
 
     student_blocks / teacher_blocks: the paired block outputs (see slmrec.blocks), one
     [B, L, H] tensor each, shallow to deep. aux_logits: the B-1 extra heads' logits.
-    Inputs of a zero-weight term are not read and may be empty.
+    Inputs of a zero-weight term are not read and may be empty (or None).
     """
     ce = next_item_ce(student_logits, targets)
     zero = torch.zeros((), device=ce.device)
@@ -172,5 +212,10 @@ def distillation_loss(
                 f"expected one auxiliary head per block but the last ({len(student_blocks) - 1}), "
                 f"got {len(aux_logits)}")
         ms = multiple_supervision(aux_logits, targets)
-    total = ce + weights.cos * cos + weights.l2 * l2 + weights.ms * ms
-    return LossTerms(total=total, ce=ce, cos=cos, l2=l2, ms=ms)
+    kd = zero
+    if weights.kd:
+        if teacher_logits is None:
+            raise ValueError("weights.kd > 0 but no teacher logits were given")
+        kd = logit_distillation(student_logits, teacher_logits, targets, weights.kd_temperature)
+    total = ce + weights.cos * cos + weights.l2 * l2 + weights.ms * ms + weights.kd * kd
+    return LossTerms(total=total, ce=ce, cos=cos, l2=l2, ms=ms, kd=kd)

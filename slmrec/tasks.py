@@ -86,7 +86,8 @@ class DistillTask(NextItemTask):
 
     The teacher runs online in the worker under no_grad; its B block outputs are paired
     with the student's (slmrec.blocks) and the student's intermediate blocks also get
-    their own score heads (multiple supervision)."""
+    their own score heads (multiple supervision). With a kd weight the teacher's logits
+    are distilled too."""
 
     teacher: SeqRecommender | None = None
     weights: DistillWeights = field(default_factory=DistillWeights)
@@ -101,12 +102,16 @@ class DistillTask(NextItemTask):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         items, targets = batch["items"], batch["targets"]
-        needs_blocks = self.weights.cos > 0 or self.weights.l2 > 0
+        needs_blocks = self.weights.needs_teacher_blocks
         teacher_blocks: list[torch.Tensor] = []
-        if needs_blocks:
+        teacher_logits = None
+        if needs_blocks or self.weights.kd > 0:
             with torch.no_grad():
-                t_out = self.teacher(items, output_layers=True)
-            teacher_blocks = [t_out.layers[t - 1] for t, _ in self.pairs]
+                t_out = self.teacher(items, output_layers=needs_blocks)
+                if self.weights.kd > 0:
+                    teacher_logits = self.teacher.logits(t_out.hidden)
+            if needs_blocks:
+                teacher_blocks = [t_out.layers[t - 1] for t, _ in self.pairs]
         s_out = self.model(items, output_layers=True)
         student_blocks = [s_out.layers[s - 1] for _, s in self.pairs]
         aux_logits = []
@@ -116,4 +121,5 @@ class DistillTask(NextItemTask):
         return distillation_loss(
             student_logits=self.model.logits(s_out.hidden), aux_logits=aux_logits,
             student_blocks=student_blocks if needs_blocks else [],
-            teacher_blocks=teacher_blocks, targets=targets, mask=s_out.mask, weights=self.weights)
+            teacher_blocks=teacher_blocks, targets=targets, mask=s_out.mask, weights=self.weights,
+            teacher_logits=teacher_logits)

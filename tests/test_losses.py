@@ -11,6 +11,7 @@ from slmrec.losses import (
     DistillWeights,
     direction_alignment,
     distillation_loss,
+    logit_distillation,
     multiple_supervision,
     next_item_ce,
     norm_regularisation,
@@ -99,7 +100,8 @@ def test_distillation_loss_total_and_terms():
     # l2  = mean(0, 1) + mean(5, 1) = 0.5 + 3 = 3.5
     # total = 0.8369882 + 1.0 * 0.7928932 + 0.1 * 3.5 + 1.0 * 0.8369882 = 2.8168696
     got = terms.as_dict()
-    assert list(got) == ["total", "ce", "cos", "l2", "ms"]
+    assert list(got) == ["total", "ce", "cos", "l2", "ms", "kd"]
+    assert got["kd"] == 0.0, "logit distillation is off unless asked for"
     expected = {"ce": 0.8369882, "cos": 0.7928932, "l2": 3.5, "ms": 0.8369882, "total": 2.8168696}
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-6), key
@@ -122,12 +124,12 @@ def test_zero_weight_terms_are_not_computed(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a zero-weight term was computed")
 
-    for name in ("direction_alignment", "norm_regularisation", "multiple_supervision"):
+    for name in ("direction_alignment", "norm_regularisation", "multiple_supervision", "logit_distillation"):
         monkeypatch.setattr(losses, name, must_not_run)
     logits = LOGITS.clone().requires_grad_()
-    # blocks and aux heads may be absent when their weights are 0
-    terms = distillation_loss(logits, [], [], [], TARGETS, MASK, DistillWeights(cos=0.0, l2=0.0, ms=0.0))
-    for name in ("cos", "l2", "ms"):
+    # blocks, aux heads and teacher logits may be absent when their weights are 0
+    terms = distillation_loss(logits, [], [], [], TARGETS, MASK, DistillWeights(cos=0.0, l2=0.0, ms=0.0, kd=0.0))
+    for name in ("cos", "l2", "ms", "kd"):
         term = getattr(terms, name)
         assert term.item() == 0.0 and term.grad_fn is None and not term.requires_grad, name
     assert terms.total.item() == pytest.approx(terms.ce.item())
@@ -152,6 +154,54 @@ def test_distillation_input_errors():
         distillation_loss(logits, [aux, aux], [s1, s2], teacher, TARGETS, MASK)
     with pytest.raises(ValueError, match=">= 0"):
         DistillWeights(cos=-1.0)
+    with pytest.raises(ValueError, match="no teacher logits"):
+        distillation_loss(logits, [aux], [s1, s2], teacher, TARGETS, MASK, DistillWeights(kd=1.0))
+    with pytest.raises(ValueError, match="kd_temperature must be > 0"):
+        DistillWeights(kd=1.0, kd_temperature=0.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        logit_distillation(LOGITS, LOGITS[..., :2], TARGETS)
+
+
+# Teacher logits over items 1..2: position 1 (ln3, 0) -> p_t = (3/4, 1/4) against the student's
+# (1/4, 3/4); position 2 equals the student's (KL 0); position 3 is padding. Column 0 differs
+# from the student's: it must not count.
+TEACHER_LOGITS = torch.tensor([[[-4.0, LN3, 0.0], [2.0, 0.0, LN3], [0.0, -9.0, 9.0]]])
+
+
+def test_logit_distillation_hand_computed():
+    # T = 1: KL at position 1 = 3/4 ln 3 - 1/4 ln 3 = ln(3) / 2 = 0.5493061; mean over 2 targets
+    assert logit_distillation(LOGITS, TEACHER_LOGITS, TARGETS).item() == pytest.approx(0.2746531, abs=1e-6)
+    # T = 2: p = softmax(logits / 2) -> (0.6339746, 0.3660254) vs its mirror image;
+    # KL = (0.6339746 - 0.3660254) * ln(sqrt 3) = 0.1471861, times T^2 = 4, mean over 2 targets
+    assert logit_distillation(LOGITS, TEACHER_LOGITS, TARGETS, temperature=2.0).item() == pytest.approx(
+        0.2943722, abs=1e-6)
+    assert logit_distillation(TEACHER_LOGITS, TEACHER_LOGITS, TARGETS).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_logit_distillation_in_the_total_reaches_only_the_student():
+    logits = LOGITS.clone().requires_grad_()
+    teacher_logits = TEACHER_LOGITS.clone().requires_grad_()
+    terms = distillation_loss(logits, [], [], [], TARGETS, MASK, DistillWeights(cos=0.0, l2=0.0, ms=0.0, kd=0.5),
+                              teacher_logits=teacher_logits)
+    assert terms.kd.item() == pytest.approx(0.2746531, abs=1e-6)
+    assert terms.total.item() == pytest.approx((CE_T2 + CE_T1) / 2 + 0.5 * 0.2746531, abs=1e-6)
+    terms.total.backward()
+    assert logits.grad.abs().sum() > 0 and teacher_logits.grad is None
+
+
+def test_one_step_on_logit_distillation_moves_the_student_ranking_toward_the_teacher():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 8, generator=g)
+    teacher_logits = torch.randn(4, 5, 11, generator=g) * 3
+    targets = torch.randint(1, 11, (4, 5), generator=g)
+    targets[:, 3:] = 0
+    torch.manual_seed(0)
+    student = torch.nn.Linear(8, 11)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    before = logit_distillation(student(x), teacher_logits, targets).item()
+    logit_distillation(student(x), teacher_logits, targets).backward()
+    opt.step()
+    assert logit_distillation(student(x), teacher_logits, targets).item() < before
 
 
 def _student_and_teacher():

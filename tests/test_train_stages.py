@@ -78,17 +78,18 @@ def test_teacher_resumes_after_failure(ray_session, tiny_prepared, tmp_path):
 
 
 def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
-    """Also the bf16-autocast path: every term must still be computed and move."""
+    """Also the bf16-autocast path: every term (the paper's three and our logit
+    distillation) must still be computed and move."""
     out = tmp_path / "student"
     config = DistillConfig(data=str(tiny_prepared), teacher=str(teacher_run), output=str(out), student_layers=2,
-                           blocks=2, epochs=2, num_workers=1, bf16_autocast=True, **TINY)
+                           blocks=2, epochs=2, num_workers=1, bf16_autocast=True, kd_weight=0.5, **TINY)
     run_distill(config)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["spec"]["bf16_autocast"], "the student trains under bf16 mixed precision"
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics["final"].values())
     steps = metrics["steps"]
     assert steps, "per-step loss terms are logged"
-    for term in ("ce", "cos", "l2", "ms"):
+    for term in ("ce", "cos", "l2", "ms", "kd"):
         assert all(s[term] > 0 for s in steps), f"{term} is computed at every logged step"
     first, last = metrics["history"][0], metrics["history"][-1]
     assert last["train/cos"] < first["train/cos"], "alignment moves the student toward the teacher"
@@ -102,6 +103,8 @@ def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
     assert report["epoch_seconds"]["student"] and report["epoch_seconds"]["teacher"]
     for name in ("REPORT.md", "loss_terms.png", "training_curve.png", "layer_probe.png"):
         assert (out / name).is_file(), name
+    assert report["distillation"]["kd"] == 0.5
+    assert "0.5 x logit distillation (T = 1.0; not in the paper)" in (out / "REPORT.md").read_text()
     student = SeqRecommender.load(out / "best")
     assert student.depth == 2 and len(student.aux_heads) == 1
 

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, protocol_descriptions, read_metrics
+from jobs.distill import loss_weights
 from slmrec.bucketing import length_buckets
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
+from slmrec.losses import TERM_NAMES
 from slmrec.model import SeqRecommender, build_recommender
 
 SPEED_BATCHES = (1, 32, 256)
@@ -29,7 +31,7 @@ def _plot_steps(steps: list[dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    terms = [t for t in ("total", "ce", "cos", "l2", "ms") if any(s.get(t) for s in steps)]
+    terms = [t for t in TERM_NAMES if any(s.get(t) for s in steps)]
     fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
     for ax, term in zip(axes[0], terms):
         ax.plot([s["step"] for s in steps], [s[term] for s in steps])
@@ -110,8 +112,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
     plot_curves(student_metrics["history"], output / "training_curve.png", "student")
     protocols = protocol_descriptions(config.mask_history, config.sampled_negatives, config.seed)
-    weights = {"cos": config.cos_weight, "l2": config.l2_weight, "ms": config.ms_weight,
-               "norm_mode": config.norm_mode, "blocks": config.blocks, "student_init": config.student_init}
+    weights = {**loss_weights(config), "blocks": config.blocks, "student_init": config.student_init}
     report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,
               "metrics": metrics_rows, "protocols": protocols, "epoch_seconds": epoch_seconds,
               "inference": speed, "probe": probe, "distillation": weights,
@@ -127,8 +128,10 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
                            "teacher p50 ms": t["latency_ms_p50"], "student p50 ms": s["latency_ms_p50"]})
     lines = [f"# Distillation: {teacher.depth}-layer teacher -> {student.depth}-layer student", "",
              f"Losses: CE + {config.cos_weight} x (1 - cos) + {config.l2_weight} x {config.norm_mode} over "
-             f"{config.blocks} blocks + {config.ms_weight} x multiple supervision; student init: "
-             f"{config.student_init}.", "",
+             f"{config.blocks} blocks + {config.ms_weight} x multiple supervision"
+             + (f" + {config.kd_weight} x logit distillation (T = {config.kd_temperature}; not in the paper)"
+                if config.kd_weight else "")
+             + f"; student init: {config.student_init}.", "",
              "## Parameters", "",
              markdown_table([{"model": n, **c} for n, c in params.items()],
                             ["model", "total", "trainable", "item_table", "token_embeddings"]), "",

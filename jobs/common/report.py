@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 from slmrec.evaluation import reported_protocols
+from slmrec.losses import TERM_NAMES
 
 
 def read_metrics(output_dir: str | Path) -> dict[str, Any]:
@@ -45,8 +46,7 @@ def protocol_descriptions(mask_history: bool, sampled_negatives: int, seed: int)
     return {p.label: p.description for p in reported_protocols(mask_history, sampled_negatives, seed)}
 
 
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
-                keys: tuple[str, ...] = ("train/total", "train/ce", "train/cos", "train/l2", "train/ms")) -> None:
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +54,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str,
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in keys:
+    for key in (f"train/{term}" for term in TERM_NAMES):
         values = [h.get(key) for h in history]
         if any(v for v in values):
             ax_loss.plot(epochs, values, marker="o", label=key.split("/", 1)[1])
