@@ -1,5 +1,6 @@
 """Ablation of the distillation losses, same teacher, data and seed:
-CE only, + feature alignment (cos + l2), + multiple supervision (all three).
+CE only, + feature alignment (cos + l2), + multiple supervision (all three), and our
+logit-distillation term (not in the paper) alone with CE and on top of all three.
 
     python bench/distill_ablation.py --data out/ml-1m-50 --teacher runs/ml1m/teacher \\
         --student-layers 2 --blocks 2 --epochs 5 --output runs/ablation
@@ -24,6 +25,8 @@ VARIANTS = {
     "CE only": {"cos_weight": 0.0, "l2_weight": 0.0, "ms_weight": 0.0},
     "+ alignment (cos, l2)": {"cos_weight": 1.0, "l2_weight": 0.1, "ms_weight": 0.0},
     "+ multiple supervision": {"cos_weight": 1.0, "l2_weight": 0.1, "ms_weight": 1.0},
+    "CE + logit distillation only": {"cos_weight": 0.0, "l2_weight": 0.0, "ms_weight": 0.0, "kd_weight": 1.0},
+    "all three + logit distillation": {"cos_weight": 1.0, "l2_weight": 0.1, "ms_weight": 1.0, "kd_weight": 1.0},
 }
 
 
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def weights_dir(weights: dict[str, float]) -> str:
-    return "cos{cos_weight}_l2{l2_weight}_ms{ms_weight}".format(**weights)
+    name = "cos{cos_weight}_l2{l2_weight}_ms{ms_weight}".format(**weights)
+    # Runs without the kd term keep the names they had before it existed (and are reused).
+    return name + (f"_kd{weights['kd_weight']}" if weights.get("kd_weight") else "")
 
 
 if __name__ == "__main__":
