@@ -56,6 +56,9 @@ class TuneConfig(DataFlags, TrainFlags):
                                     "\"cos_weight\": 1, \"l2_weight\": 0.1, \"ms_weight\": 1}' (the paper's)")
     norm_mode: Literal["distance", "norm"] = field("distance", help="norm term: ||h_s - h_t|| or | ||h_s|| - ||h_t|| |")
     student_init: Literal["fresh", "teacher"] = field("fresh", help="fresh student weights or the teacher's first layers")
+    kd_weight: float = field(0.0, help="logit distillation weight, the same in every trial (see jobs/distill.py; "
+                                       "not in the paper)")
+    kd_temperature: float = field(1.0, help="softmax temperature of the logit distillation term")
     epochs: int = field(5, help="epochs per trial (ASHA's max_t)")
     warmup_steps: int = field(50, help="linear warm-up steps before cosine decay")
     grace_period: int = field(1, help="ASHA: epochs every trial runs before it can be stopped")
@@ -142,7 +145,8 @@ def _base_settings(config: TuneConfig) -> dict:
     """The sweep's fixed settings, as DistillConfig fields (sampled ones are added per trial)."""
     shared = {f.name for cls in (DataFlags, TrainFlags) for f in dataclasses.fields(cls)}
     base = {name: getattr(config, name) for name in shared}
-    base.update(norm_mode=config.norm_mode, student_init=config.student_init, warmup_steps=config.warmup_steps)
+    base.update(norm_mode=config.norm_mode, student_init=config.student_init, warmup_steps=config.warmup_steps,
+                kd_weight=config.kd_weight, kd_temperature=config.kd_temperature)
     base.pop("run_name", None)
     return base
 

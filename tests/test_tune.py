@@ -130,6 +130,19 @@ def _config(prepared: Path, teacher: Path, output: Path, **overrides) -> TuneCon
     return TuneConfig(**{**settings, **overrides})
 
 
+def test_fixed_sweep_settings_reach_every_trial_config(tmp_path):
+    from jobs.distill import DistillConfig, loss_weights
+    from jobs.tune import _base_settings
+    from slmrec.config import from_dict
+
+    config = _config(tmp_path / "data", tmp_path / "teacher", tmp_path / "out", kd_weight=0.5, kd_temperature=2.0,
+                     student_init="teacher")
+    trial = from_dict(DistillConfig, {**_base_settings(config), "cos_weight": 1.0, "output": "o", "teacher": "t"},
+                      "trial")
+    assert loss_weights(trial)["kd"] == 0.5 and loss_weights(trial)["kd_temperature"] == 2.0
+    assert trial.student_init == "teacher" and trial.max_len == 12
+
+
 GOOD = [{"student_layers": 2, "lr": 3e-2, "cos_weight": 0.5, "l2_weight": 0, "ms_weight": 0.5},
         {"student_layers": 1, "lr": 2e-2, "cos_weight": 0, "l2_weight": 0.05, "ms_weight": 0}]
 # A learning rate of 1e-6 leaves the student at its initialisation: it cannot keep up.
