@@ -50,6 +50,10 @@ class DistillConfig(DataFlags, TrainFlags, ItemTableFlags):
                                                                   "or | ||h_s|| - ||h_t|| | (paper's wording)")
     student_init: Literal["fresh", "teacher"] = field("fresh", help="fresh weights (the paper) or the teacher's "
                                                                   "first layers and projections")
+    student_finetuning: Literal["teacher", "full"] = field(
+        "teacher", help="the student's backbone training: as the teacher's (LoRA for a pretrained backbone, the "
+                        "paper) or full (every weight of its few layers; with --student-init teacher the teacher's "
+                        "LoRA adapters are merged into the copied layers)")
     warmup_steps: int = field(50, help="linear warm-up steps before cosine decay")
     epochs: int = field(5, help="student training epochs")
     teacher_epochs: int = field(3, help="teacher epochs when the teacher is trained first")
@@ -70,8 +74,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path / "best" if (path / "best" / "meta.json").is_file() else path
 
 
-def student_config(teacher_config: dict, student_layers: int, aux_heads: int) -> dict:
+def student_config(teacher_config: dict, student_layers: int, aux_heads: int, finetuning: str) -> dict:
     backbone = dict(teacher_config["backbone"], layers=student_layers)
+    if finetuning == "full":
+        backbone["lora"] = "off"
     return dict(teacher_config, backbone=backbone, aux_heads=aux_heads)
 
 
@@ -82,7 +88,8 @@ def build_task(args: dict):
     from slmrec.tasks import DistillTask
 
     teacher = SeqRecommender.load(args["teacher"])
-    config = RecommenderConfig(**student_config(teacher.config.to_dict(), args["student_layers"], args["aux_heads"]))
+    config = RecommenderConfig(**student_config(teacher.config.to_dict(), args["student_layers"], args["aux_heads"],
+                                                args["student_finetuning"]))
     student = build_recommender(config, teacher.item_table, seed=args["seed"])
     if args["student_init"] == "teacher":
         init_from_teacher(student, teacher)
@@ -100,7 +107,8 @@ def task_args(config: DistillConfig, teacher_dir: Path) -> dict:
     """The picklable arguments of `build_task` (shared with jobs/tune.py's trials)."""
     return {"teacher": str(teacher_dir), "student_layers": config.student_layers, "blocks": config.blocks,
             "aux_heads": config.blocks - 1 if config.ms_weight > 0 else 0, "weights": loss_weights(config),
-            "student_init": config.student_init, "seed": config.seed}
+            "student_init": config.student_init, "student_finetuning": config.student_finetuning,
+            "seed": config.seed}
 
 
 def validate(config: DistillConfig, teacher_dir: Path) -> int:

@@ -56,6 +56,8 @@ class TuneConfig(DataFlags, TrainFlags):
                                     "\"cos_weight\": 1, \"l2_weight\": 0.1, \"ms_weight\": 1}' (the paper's)")
     norm_mode: Literal["distance", "norm"] = field("distance", help="norm term: ||h_s - h_t|| or | ||h_s|| - ||h_t|| |")
     student_init: Literal["fresh", "teacher"] = field("fresh", help="fresh student weights or the teacher's first layers")
+    student_finetuning: Literal["teacher", "full"] = field("teacher", help="student backbone: LoRA as the teacher "
+                                                                         "or full fine-tuning (see jobs/distill.py)")
     kd_weight: float = field(0.0, help="logit distillation weight, the same in every trial (see jobs/distill.py; "
                                        "not in the paper)")
     kd_temperature: float = field(1.0, help="softmax temperature of the logit distillation term")
@@ -146,7 +148,8 @@ def _base_settings(config: TuneConfig) -> dict:
     shared = {f.name for cls in (DataFlags, TrainFlags) for f in dataclasses.fields(cls)}
     base = {name: getattr(config, name) for name in shared}
     base.update(norm_mode=config.norm_mode, student_init=config.student_init, warmup_steps=config.warmup_steps,
-                kd_weight=config.kd_weight, kd_temperature=config.kd_temperature)
+                student_finetuning=config.student_finetuning, kd_weight=config.kd_weight,
+                kd_temperature=config.kd_temperature)
     base.pop("run_name", None)
     return base
 

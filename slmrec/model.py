@@ -206,17 +206,36 @@ def build_recommender(config: RecommenderConfig, item_table: torch.Tensor, seed:
         return SeqRecommender(config, decoder, item_table, prompt_ids, full_depth)
 
 
+def merged_state_dict(model: SeqRecommender) -> dict[str, torch.Tensor]:
+    """`model`'s state with every LoRA adapter folded into its base weight, under the names
+    the same model without adapters has: what a fully fine-tuned copy starts from."""
+    from peft.tuners.lora import LoraLayer
+
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = state.pop(f"{name}.base_layer.weight").clone()
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).detach()
+            state[f"{name}.weight"] = weight
+            if f"{name}.base_layer.bias" in state:
+                state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    return state
+
+
 def init_from_teacher(student: SeqRecommender, teacher: SeqRecommender) -> None:
     """Copy into `student` every teacher weight it has a place for: projections, score,
     prompt embeddings, final norm and the teacher's FIRST `student.depth` layers (LoRA
-    adapters included). Auxiliary heads the teacher lacks stay fresh. Raises if any other
-    weight has no same-shaped teacher counterpart."""
+    adapters included, or merged into the weights when the student has none).
+    Auxiliary heads the teacher lacks stay fresh. Raises if any other weight has no
+    same-shaped teacher counterpart."""
     if student.depth > teacher.depth:
         raise ValueError(f"student has {student.depth} layers, teacher only {teacher.depth}")
     if student.prompt_ids != teacher.prompt_ids:
         raise ValueError("student and teacher use different prompts; build both from the same "
                          "backbone with the same prompt setting")
-    source = teacher.state_dict()
+    merge = teacher.config.backbone.use_lora and not student.config.backbone.use_lora
+    source = merged_state_dict(teacher) if merge else teacher.state_dict()
     copied = {}
     for name, value in student.state_dict().items():
         if name in source and source[name].shape == value.shape:

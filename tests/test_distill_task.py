@@ -53,3 +53,21 @@ def test_without_teacher_terms_the_teacher_never_runs():
     task.weights = DistillWeights(cos=1.0, l2=0.0, ms=0.0)
     task.loss({"items": ITEMS, "targets": TARGETS})
     assert asked == [True]
+
+
+def test_build_task_full_finetuning_student_of_a_lora_teacher(tmp_path):
+    from jobs.distill import build_task
+
+    teacher = build_recommender(scratch(layers=2, lora="on", lora_r=2), item_table(), seed=0)
+    teacher.save(tmp_path / "teacher")
+    args = {"teacher": str(tmp_path / "teacher"), "student_layers": 1, "blocks": 1, "aux_heads": 0,
+            "weights": {"cos": 1.0, "l2": 0.1, "ms": 0.0}, "student_init": "teacher", "seed": 0}
+    lora_student = build_task({**args, "student_finetuning": "teacher"}).model
+    full_student = build_task({**args, "student_finetuning": "full"}).model
+    assert lora_student.config.backbone.use_lora and not full_student.config.backbone.use_lora
+    assert all(p.requires_grad for p in full_student.decoder.parameters())
+    counts = lora_student.parameter_counts()["trainable"], full_student.parameter_counts()["trainable"]
+    assert counts[0] < counts[1]
+    # the full student starts where the LoRA student does: the teacher's first layer
+    with torch.no_grad():
+        assert torch.allclose(lora_student.eval()(ITEMS).hidden, full_student.eval()(ITEMS).hidden, atol=1e-5)

@@ -136,11 +136,11 @@ def test_fixed_sweep_settings_reach_every_trial_config(tmp_path):
     from slmrec.config import from_dict
 
     config = _config(tmp_path / "data", tmp_path / "teacher", tmp_path / "out", kd_weight=0.5, kd_temperature=2.0,
-                     student_init="teacher")
+                     student_init="teacher", student_finetuning="full")
     trial = from_dict(DistillConfig, {**_base_settings(config), "cos_weight": 1.0, "output": "o", "teacher": "t"},
                       "trial")
     assert loss_weights(trial)["kd"] == 0.5 and loss_weights(trial)["kd_temperature"] == 2.0
-    assert trial.student_init == "teacher" and trial.max_len == 12
+    assert trial.student_init == "teacher" and trial.student_finetuning == "full" and trial.max_len == 12
 
 
 GOOD = [{"student_layers": 2, "lr": 3e-2, "cos_weight": 0.5, "l2_weight": 0, "ms_weight": 0.5},

@@ -112,7 +112,8 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
     plot_curves(student_metrics["history"], output / "training_curve.png", "student")
     protocols = protocol_descriptions(config.mask_history, config.sampled_negatives, config.seed)
-    weights = {**loss_weights(config), "blocks": config.blocks, "student_init": config.student_init}
+    weights = {**loss_weights(config), "blocks": config.blocks, "student_init": config.student_init,
+               "student_finetuning": config.student_finetuning}
     report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,
               "metrics": metrics_rows, "protocols": protocols, "epoch_seconds": epoch_seconds,
               "inference": speed, "probe": probe, "distillation": weights,
@@ -131,7 +132,8 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
              f"{config.blocks} blocks + {config.ms_weight} x multiple supervision"
              + (f" + {config.kd_weight} x logit distillation (T = {config.kd_temperature}; not in the paper)"
                 if config.kd_weight else "")
-             + f"; student init: {config.student_init}.", "",
+             + f"; student init: {config.student_init}; student backbone fine-tuning: "
+             f"{config.student_finetuning}.", "",
              "## Parameters", "",
              markdown_table([{"model": n, **c} for n, c in params.items()],
                             ["model", "total", "trainable", "item_table", "token_embeddings"]), "",
