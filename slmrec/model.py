@@ -21,6 +21,7 @@ A student is the same config with fewer backbone layers (fresh weights by defaul
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmrec.backbones import BackboneConfig, apply_finetuning, decoder_from_config, load_backbone
+from slmrec.backbones import BackboneConfig, apply_finetuning, decoder_from_config, load_backbone, merge_lora
 from slmrec.checkpoint import load_checkpoint, save_checkpoint
 from slmrec.config import field
 from slmrec.scoring import score_items
@@ -206,23 +207,6 @@ def build_recommender(config: RecommenderConfig, item_table: torch.Tensor, seed:
         return SeqRecommender(config, decoder, item_table, prompt_ids, full_depth)
 
 
-def merged_state_dict(model: SeqRecommender) -> dict[str, torch.Tensor]:
-    """`model`'s state with every LoRA adapter folded into its base weight, under the names
-    the same model without adapters has: what a fully fine-tuned copy starts from."""
-    from peft.tuners.lora import LoraLayer
-
-    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            weight = state.pop(f"{name}.base_layer.weight").clone()
-            for adapter in module.active_adapters:
-                weight += module.get_delta_weight(adapter).detach()
-            state[f"{name}.weight"] = weight
-            if f"{name}.base_layer.bias" in state:
-                state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
-    return state
-
-
 def init_from_teacher(student: SeqRecommender, teacher: SeqRecommender) -> None:
     """Copy into `student` every teacher weight it has a place for: projections, score,
     prompt embeddings, final norm and the teacher's FIRST `student.depth` layers (LoRA
@@ -234,8 +218,12 @@ def init_from_teacher(student: SeqRecommender, teacher: SeqRecommender) -> None:
     if student.prompt_ids != teacher.prompt_ids:
         raise ValueError("student and teacher use different prompts; build both from the same "
                          "backbone with the same prompt setting")
-    merge = teacher.config.backbone.use_lora and not student.config.backbone.use_lora
-    source = merged_state_dict(teacher) if merge else teacher.state_dict()
+    if teacher.config.backbone.use_lora and not student.config.backbone.use_lora:
+        merged = copy.deepcopy(teacher)
+        merge_lora(merged)  # plain Linear layers again, under the names the student uses
+        source = merged.state_dict()
+    else:
+        source = teacher.state_dict()
     copied = {}
     for name, value in student.state_dict().items():
         if name in source and source[name].shape == value.shape:

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from slmrec.backbones import merge_lora
 from slmrec.metrics import full_ranking_ranks, metrics_from_ranks
 from slmrec.model import SeqRecommender
 from slmrec.recommend import pad_histories, user_vectors
@@ -33,22 +34,6 @@ from slmrec.topk import NO_ITEM, chunked_topk
 
 FLOAT_MODULES = ("score", "aux_heads")
 """Linear layers kept in float32 (see the module docstring)."""
-
-
-def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRA adapter into its base Linear and put the plain Linear back in its
-    place; returns how many were merged. A no-op for models without adapters."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return 0
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    for name, module in wrapped:
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.get_base_layer())
-    return len(wrapped)
 
 
 def quantize_int8(model: SeqRecommender) -> SeqRecommender:

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from slmrec.backbones import merge_lora
 from slmrec.checkpoint import load_meta
 from slmrec.model import SeqRecommender
 from slmrec.topk import chunked_topk
@@ -87,8 +88,10 @@ class Recommender:
     @classmethod
     def load(cls, directory: str | Path, int8: bool = False,
              chunk_size: int = 65536) -> "Recommender":
-        """A saved model, optionally int8-quantised for CPU serving."""
+        """A saved model for inference, LoRA adapters folded into their weights (the same
+        scores without the adapters' extra matmuls), optionally int8-quantised for CPU serving."""
         model = SeqRecommender.load(directory).eval()
+        merge_lora(model)
         if int8:
             # Imported here: slmrec.quantize itself builds on this module.
             from slmrec.quantize import quantize_int8

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from slmrec.quantize import count_quantized_linears, int8_parity, merge_lora, quantize_int8
+from slmrec.backbones import merge_lora
+from slmrec.quantize import count_quantized_linears, int8_parity, quantize_int8
 from slmrec.recommend import pad_histories, user_vectors
 from tests.tiny_serving import random_histories, tiny_model
 
@@ -61,3 +62,20 @@ def test_recommender_loads_an_int8_copy_from_a_checkpoint(tmp_path):
     overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 5
                        for a, b in zip(fp32_top, int8_top)])
     assert overlap >= 0.8
+
+
+def test_recommender_serves_a_lora_model_merged_with_the_same_answers(tmp_path):
+    from slmrec.recommend import Recommender
+
+    model = tiny_model(lora="on").eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.save(tmp_path / "m")
+    served = Recommender.load(tmp_path / "m")
+    assert not any(isinstance(m, BaseTunerLayer) for m in served.model.modules()), "adapters merged for serving"
+    histories = random_histories(16, seed=4)
+    scores, top = served(histories, 5)
+    want_scores, want_top = Recommender(model)(histories, 5)
+    torch.testing.assert_close(scores, want_scores, atol=1e-4, rtol=1e-4)
+    assert torch.equal(top, want_top)

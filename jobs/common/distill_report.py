@@ -16,6 +16,7 @@ import torch
 
 from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, protocol_descriptions, read_metrics
 from jobs.distill import loss_weights
+from slmrec.backbones import merge_lora
 from slmrec.bucketing import length_buckets
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 from slmrec.losses import TERM_NAMES
@@ -90,6 +91,8 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
 
     models = {"teacher": teacher, "student": student}
     params = {name: m.parameter_counts() for name, m in models.items()}
+    for m in models.values():
+        merge_lora(m)  # timed as served (slmrec.recommend.Recommender.load merges too)
     # Teacher and student take turns per batch size, so a slow spell on a shared machine
     # lands on both sides of a speed-up rather than on one model's whole series.
     speed: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
