@@ -189,7 +189,7 @@ def distillation_loss(
     """
     ce = next_item_ce(student_logits, targets)
     zero = torch.zeros((), device=ce.device)
-    if weights.cos or weights.l2:
+    if weights.needs_teacher_blocks:
         if len(student_blocks) != len(teacher_blocks) or not student_blocks:
             raise ValueError(
                 f"need the same non-zero number of student and teacher blocks, got "
