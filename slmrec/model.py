@@ -60,6 +60,14 @@ class RecommenderConfig:
         return dataclasses.asdict(self)
 
 
+def last_indices(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each right-padded row's last valid position [B] from its mask [B, L]."""
+    lengths = mask.sum(dim=1)
+    if (lengths == 0).any():
+        raise ValueError("a sequence has no valid item (all padding); cannot take its last position")
+    return lengths - 1
+
+
 @dataclasses.dataclass
 class RecOutput:
     """`hidden`: final post-norm states at the item positions [B, L, H]; `mask`: valid
@@ -98,16 +106,19 @@ class SeqRecommender(nn.Module):
     def depth(self) -> int:
         return self.decoder.config.num_hidden_layers
 
-    def forward(self, items: torch.Tensor, output_layers: bool = False) -> RecOutput:
-        mask = self._check_items(items)
+    def _decoder_inputs(self, items: torch.Tensor) -> torch.Tensor:
+        """inputs_embeds [B, P + L, H]: the prompt's token embeddings, then the items'."""
         x = self.input_proj(F.embedding(items, self.item_table))
-        prompt_len = len(self.prompt_ids)
-        if prompt_len:
+        if self.prompt_ids:
             prompt = self.decoder.get_input_embeddings()(self._prompt_ids)
             x = torch.cat([prompt.to(x.dtype).expand(items.shape[0], -1, -1), x], dim=1)
-        dtype = self.decoder.get_input_embeddings().weight.dtype
-        out = self.decoder(inputs_embeds=x.to(dtype), output_hidden_states=output_layers,
-                           use_cache=False)
+        return x.to(self.decoder.get_input_embeddings().weight.dtype)
+
+    def forward(self, items: torch.Tensor, output_layers: bool = False) -> RecOutput:
+        mask = self._check_items(items)
+        out = self.decoder(inputs_embeds=self._decoder_inputs(items),
+                           output_hidden_states=output_layers, use_cache=False)
+        prompt_len = len(self.prompt_ids)
         hidden = out.last_hidden_state[:, prompt_len:]
         layers = None
         if output_layers:
@@ -115,6 +126,23 @@ class SeqRecommender(nn.Module):
             # replaced by the post-norm output.
             layers = [h[:, prompt_len:] for h in out.hidden_states[1:]]
         return RecOutput(hidden=hidden, mask=mask, layers=layers)
+
+    def user_states(self, items: torch.Tensor) -> torch.Tensor:
+        """Post-norm states at each row's last item [B, H]: `last_position(forward(items))`,
+        computed with the last layer only there where the backbone allows it
+        (slmrec.last_state), since ranking reads nothing else."""
+        # Lazy like every transformers import here: a built model has loaded it already.
+        from slmrec.last_state import decoder_last_states, supports_last_only
+
+        mask = self._check_items(items)
+        if not supports_last_only(self.decoder):
+            return self.last_position(self(items).hidden, mask)
+        index = last_indices(mask) + len(self.prompt_ids)
+        return decoder_last_states(self.decoder, self._decoder_inputs(items), index)
+
+    def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Users in item space [B, item_dim], to rank against the item table."""
+        return self.project(self.user_states(items))
 
     def _check_items(self, items: torch.Tensor) -> torch.Tensor:
         if items.dim() != 2 or items.dtype not in (torch.long, torch.int32, torch.int64):
@@ -147,10 +175,7 @@ class SeqRecommender(nn.Module):
     @staticmethod
     def last_position(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x[b, last valid position of row b] for right-padded rows: [B, L, ...] -> [B, ...]."""
-        lengths = mask.sum(dim=1)
-        if (lengths == 0).any():
-            raise ValueError("a sequence has no valid item (all padding); cannot take its last position")
-        index = (lengths - 1).view(-1, *([1] * (x.dim() - 1))).expand(-1, 1, *x.shape[2:])
+        index = last_indices(mask).view(-1, *([1] * (x.dim() - 1))).expand(-1, 1, *x.shape[2:])
         return x.gather(1, index).squeeze(1)
 
     def parameter_counts(self) -> dict[str, int]:

@@ -1,9 +1,10 @@
 """Histories of item indices -> top-k item indices with a trained recommender.
 
 The one path that online serving, offline scoring and the serving benchmark call (the
-int8 parity check uses its two halves), so they cannot drift apart: the user vector is the model's own
-`project(last_position(hidden))` and it is ranked against the model's frozen item table
-with the chunked top-k (never a users x items matrix beyond one chunk).
+int8 parity check uses its two halves), so they cannot drift apart: the user vector is the
+model's own `user_vectors` (its last item's state projected into item space, the last layer
+run only at that position) and it is ranked against the model's frozen item table with the
+chunked top-k (never a users x items matrix beyond one chunk).
 
 Histories may be longer than the model's `max_len`: the model sees the most recent
 `max_len` items, while `exclude_seen` removes every item of the whole history.
@@ -43,8 +44,7 @@ def pad_histories(histories: Sequence[Sequence[int]], max_len: int | None = None
 @torch.inference_mode()
 def user_vectors(model: SeqRecommender, items: torch.Tensor) -> torch.Tensor:
     """[B, item_dim] user vectors in item space from right-padded item indices [B, L]."""
-    out = model(items)
-    return model.project(model.last_position(out.hidden, out.mask)).float()
+    return model.user_vectors(items).float()
 
 
 @torch.inference_mode()

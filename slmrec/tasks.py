@@ -70,8 +70,7 @@ class NextItemTask:
         return next_item_terms(self.model.logits(out.hidden), batch["targets"])
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        out = self.model(items)
-        return self.model.project(self.model.last_position(out.hidden, out.mask))
+        return self.model.user_vectors(items)
 
     def item_table(self) -> torch.Tensor:
         return self.model.item_table
