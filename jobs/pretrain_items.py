@@ -33,6 +33,10 @@ class PretrainItemsConfig(DataFlags, TrainFlags):
     blocks: int = field(2, help="SASRec transformer blocks")
     heads: int = field(1, help="SASRec attention heads")
     dropout: float = field(0.5, help="SASRec dropout")
+    cosine_temperature: float = field(
+        0.0, help="0: dot-product logits (the paper); T > 0: cosine similarity / T between "
+        "unit-length user states and item rows (generative-recommenders' SASRec uses 0.05); "
+        "the exported table then holds unit rows")
 
 
 def build_task(args: dict):
@@ -41,7 +45,8 @@ def build_task(args: dict):
     from slmrec.tasks import SASRecTask
 
     return SASRecTask(SASRec(num_items=args["num_items"], dim=args["item_dim"], blocks=args["blocks"],
-                             heads=args["heads"], dropout=args["dropout"], max_len=args["max_len"]))
+                             heads=args["heads"], dropout=args["dropout"], max_len=args["max_len"],
+                             cosine_temperature=args["cosine_temperature"]))
 
 
 def export_item_table(output: Path, num_items: int) -> Path:
@@ -86,7 +91,8 @@ def run(config: PretrainItemsConfig) -> Path:
           flush=True)
     spec = make_spec(config, str(output), train_rows)
     task_args = {"num_items": splits.num_items, "item_dim": config.item_dim, "blocks": config.blocks,
-                 "heads": config.heads, "dropout": config.dropout, "max_len": config.max_len}
+                 "heads": config.heads, "dropout": config.dropout, "max_len": config.max_len,
+                 "cosine_temperature": config.cosine_temperature}
     fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
     table_dir = export_item_table(output, splits.num_items)
     write_training_report(output, "Stage 0: SASRec item table", mask_history=config.mask_history,

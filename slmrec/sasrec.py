@@ -2,7 +2,9 @@
 
 A small causal transformer over item embeddings plus learned positions, trained with
 full-softmax cross-entropy against its own item embedding. Only `item_table()` leaves this
-stage. Blocks are pre-norm (attention and feed-forward each on a LayerNorm of the residual
+stage. Logits are dot products (the paper) or, with a `cosine_temperature`, cosine
+similarities divided by it (unit-length user states and item rows, as generative-recommenders
+trains its SASRec); the exported table then holds the unit rows the model scored against. Blocks are pre-norm (attention and feed-forward each on a LayerNorm of the residual
 stream), with padded positions zeroed after every block as in the original, so padding
 never leaks into the residual stream; inputs follow the project's layout (0 = padding,
 right-padded), and causal attention keeps later padding out of valid positions.
@@ -13,6 +15,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slmrec.checkpoint import load_checkpoint, save_checkpoint
@@ -39,15 +42,18 @@ class SASRecBlock(nn.Module):
 
 class SASRec(nn.Module):
     def __init__(self, num_items: int, dim: int = 128, blocks: int = 2, heads: int = 1,
-                 dropout: float = 0.5, max_len: int = 50):
+                 dropout: float = 0.5, max_len: int = 50, cosine_temperature: float = 0.0):
         super().__init__()
         if num_items < 1 or dim < 1 or blocks < 1 or heads < 1 or max_len < 1:
             raise ValueError("SASRec needs num_items, dim, blocks, heads, max_len >= 1")
+        if cosine_temperature < 0:
+            raise ValueError(f"cosine_temperature must be >= 0 (0: dot products), got {cosine_temperature}")
         if dim % heads:
             raise ValueError(f"SASRec dim {dim} is not divisible by heads {heads}")
         self.hparams = {"num_items": num_items, "dim": dim, "blocks": blocks, "heads": heads,
-                        "dropout": dropout, "max_len": max_len}
+                        "dropout": dropout, "max_len": max_len, "cosine_temperature": cosine_temperature}
         self.num_items, self.dim, self.max_len = num_items, dim, max_len
+        self.cosine_temperature = cosine_temperature
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, dim)
         # Unit-scale inputs after the sqrt(dim) scaling below.
@@ -77,13 +83,21 @@ class SASRec(nn.Module):
             x = block(x, causal) * keep
         return self.final_norm(x) * keep
 
+    def _output_table(self) -> torch.Tensor:
+        table = self.item_emb.weight
+        return F.normalize(table, dim=-1) if self.cosine_temperature else table
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., N+1] against the item embedding, column 0 = -inf."""
-        return score_items(h, self.item_emb.weight)
+        if self.cosine_temperature:
+            h = F.normalize(h, dim=-1) / self.cosine_temperature
+        return score_items(h, self._output_table())
 
     def item_table(self) -> torch.Tensor:
-        """The learned item embeddings [N+1, dim], detached, row 0 (padding) zero."""
-        table = self.item_emb.weight.detach().clone()
+        """The item rows the logits score against [N+1, dim] (unit rows under cosine
+        similarity), detached, row 0 (padding) zero. Ranking a user state against it
+        ranks as `logits` does: a positive scale per user changes no order."""
+        table = self._output_table().detach().clone()
         table[0] = 0
         return table
 

@@ -37,6 +37,23 @@ def test_item_table():
     assert not table.requires_grad
 
 
+def test_cosine_logits_and_table_by_hand():
+    model = SASRec(num_items=2, dim=2, heads=1, max_len=3, cosine_temperature=0.5)
+    with torch.no_grad():
+        model.item_emb.weight.copy_(torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 1.0]]))
+    h = torch.tensor([[3.0, 4.0]])  # unit: (0.6, 0.8)
+    # cos with (1, 0) = 0.6, with (1, 1)/sqrt(2) = 1.4/sqrt(2); both / 0.5
+    expected = torch.tensor([[float("-inf"), 1.2, 2.8 / 2 ** 0.5]])
+    assert torch.allclose(model.logits(h), expected)
+    table = model.item_table()
+    assert torch.allclose(table, torch.tensor([[0.0, 0.0], [1.0, 0.0], [2 ** -0.5, 2 ** -0.5]]))
+    # Ranking the raw state against the exported table orders items as the logits do.
+    users = torch.randn(6, 2)
+    assert torch.equal((users @ table[1:].T).argsort(-1), model.logits(users)[:, 1:].argsort(-1))
+    with pytest.raises(ValueError, match="cosine_temperature"):
+        SASRec(num_items=2, dim=2, cosine_temperature=-1.0)
+
+
 def test_causal_and_padding_blind():
     model = make().eval()
     a = model(torch.tensor([[3, 9, 4, 11, 12]]))
@@ -68,9 +85,10 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(loaded.item_table(), model.item_table())
 
 
-def test_learns_a_successor_rule():
+@pytest.mark.parametrize("cosine_temperature", [0.0, 0.1])
+def test_learns_a_successor_rule(cosine_temperature):
     """Next item = current + 1: full-softmax CE on all positions must nearly solve it."""
-    model = make()
+    model = make(cosine_temperature=cosine_temperature)
     starts = torch.arange(1, 11)
     seqs = starts[:, None] + torch.arange(8)[None, :]  # items 1..17
     inputs, targets = seqs[:, :-1], seqs[:, 1:]

@@ -1,5 +1,6 @@
-"""End to end through real Ray Train + DeepSpeed on tiny data: the teacher job with two
-workers, resume after a failure, and the distillation job with every loss term on."""
+"""End to end through real Ray Train + DeepSpeed on tiny data: stage 0's item table, the
+teacher job with two workers, resume after a failure, and the distillation job with every
+loss term on."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from jobs.distill import DistillConfig, run as run_distill
-from jobs.pretrain_items import load_item_table
+from jobs.pretrain_items import PretrainItemsConfig, load_item_table, run as run_items
 from jobs.train_teacher import TeacherConfig, run as run_teacher
 from slmrec.backbones import BackboneConfig
 from slmrec.checkpoint import save_checkpoint
@@ -26,6 +27,21 @@ def _item_table(path: Path, num_items: int) -> Path:
     save_checkpoint(path, {"item_table": table}, {"format": "slmrec.ItemTable/1", "num_items": num_items,
                                                   "item_dim": 16})
     return path
+
+
+def test_stage0_exports_the_table_it_scored_against(ray_session, tiny_prepared, tmp_path):
+    out = tmp_path / "items"
+    config = PretrainItemsConfig(data=str(tiny_prepared), output=str(out), epochs=2, dropout=0.1,
+                                 cosine_temperature=0.1, **{**TINY, "lr": 5e-3})
+    run_items(config)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[-1]["train/ce"] < history[0]["train/ce"]
+    for name in ("REPORT.md", "report.json", "training_curve.png"):
+        assert (out / name).is_file(), name
+    table = load_item_table(out, 30)
+    assert table.shape == (31, 16) and torch.equal(table[0], torch.zeros(16))
+    # Cosine logits: the exported rows are the unit rows the model scored against.
+    assert torch.allclose(table[1:].norm(dim=1), torch.ones(30), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
