@@ -4,9 +4,9 @@ Ranking reads one position per user (the last item's post-norm state), yet a pla
 runs every layer at every position. Each earlier layer must run everywhere (later
 positions attend to all of them), but the LAST layer's output is read at one position: its
 keys and values are still needed at every position, its query, attention output, MLP and
-final norm only at the read one. That is most of a layer: for a 2-layer student about 45%
-of its compute at a 200-item history, for an 8-layer teacher about 11%, so it also widens
-the student's inference lead, which is the point of the method.
+final norm only at the read one. That is most of a layer: at SmolLM2's shape and 200-item
+histories it saved 44% of a 2-layer model's time and 7% of an 8-layer one's, so it also
+widens the student's inference lead, which is the point of the method.
 
 Supported: LLaMA-architecture decoders (`LlamaModel`, which SmolLM2 and the scratch
 backbone are, LoRA-injected or merged). `last_states` falls back to the full forward for
