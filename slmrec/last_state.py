@@ -9,8 +9,8 @@ histories it saved 44% of a 2-layer model's time and 7% of an 8-layer one's, so 
 widens the student's inference lead, which is the point of the method.
 
 Supported: LLaMA-architecture decoders (`LlamaModel`, which SmolLM2 and the scratch
-backbone are, LoRA-injected or merged). `last_states` falls back to the full forward for
-any other architecture (where the attention may hold extras such as q/k norms or sliding
+backbone are, LoRA-injected or merged). `SeqRecommender.user_states` takes the full forward
+for any other architecture (where the attention may hold extras such as q/k norms or sliding
 windows that this path would not reproduce). Training keeps the full forward: its loss
 reads every position.
 """

@@ -134,10 +134,10 @@ class SeqRecommender(nn.Module):
         # Lazy like every transformers import here: a built model has loaded it already.
         from slmrec.last_state import decoder_last_states, supports_last_only
 
-        mask = self._check_items(items)
         if not supports_last_only(self.decoder):
-            return self.last_position(self(items).hidden, mask)
-        index = last_indices(mask) + len(self.prompt_ids)
+            out = self(items)
+            return self.last_position(out.hidden, out.mask)
+        index = last_indices(self._check_items(items)) + len(self.prompt_ids)
         return decoder_last_states(self.decoder, self._decoder_inputs(items), index)
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:

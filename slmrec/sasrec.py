@@ -4,7 +4,8 @@ A small causal transformer over item embeddings plus learned positions, trained 
 full-softmax cross-entropy against its own item embedding. Only `item_table()` leaves this
 stage. Logits are dot products (the paper) or, with a `cosine_temperature`, cosine
 similarities divided by it (unit-length user states and item rows, as generative-recommenders
-trains its SASRec); the exported table then holds the unit rows the model scored against. Blocks are pre-norm (attention and feed-forward each on a LayerNorm of the residual
+trains its SASRec); the exported table then holds the unit rows the model scored against.
+Blocks are pre-norm (attention and feed-forward each on a LayerNorm of the residual
 stream), with padded positions zeroed after every block as in the original, so padding
 never leaks into the residual stream; inputs follow the project's layout (0 = padding,
 right-padded), and causal attention keeps later padding out of valid positions.
