@@ -162,7 +162,7 @@ def run(config: DistillConfig) -> Path:
     init_local_ray()
     teacher_dir = ensure_teacher(config, output)
     validate(config, teacher_dir)
-    splits = load_splits(config.data, config.max_len, config.valid_fraction)
+    splits = load_splits(config.data, config.max_len, config.valid_fraction, config.train_on_valid)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
     fit(config, spec, build_task, task_args(config, teacher_dir), splits.as_dict(),
         run_name_for(config.output, config.run_name))

@@ -85,7 +85,7 @@ def run(config: PretrainItemsConfig) -> Path:
 
     init_local_ray()
     output = Path(config.output).resolve()
-    splits = load_splits(config.data, config.max_len, config.valid_fraction)
+    splits = load_splits(config.data, config.max_len, config.valid_fraction, config.train_on_valid)
     train_rows = splits.users - splits.too_short
     print(f"[items] {splits.users} users ({splits.too_short} too short to split), {splits.num_items} items",
           flush=True)

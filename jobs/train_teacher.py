@@ -61,7 +61,7 @@ def ensure_item_table(config: TeacherConfig, output: Path) -> str:
             num_workers=config.num_workers, cpus_per_worker=config.cpus_per_worker,
             use_gpu=config.use_gpu, seed=config.seed, eval_batch_size=config.eval_batch_size,
             mask_history=config.mask_history, sampled_negatives=config.sampled_negatives,
-            storage_path=config.storage_path, max_failures=config.max_failures,
+            train_on_valid=config.train_on_valid, storage_path=config.storage_path, max_failures=config.max_failures,
             run_name=f"{config.run_name}-items" if config.run_name else None))
     return str(items_out)
 
@@ -92,7 +92,7 @@ def run(config: TeacherConfig) -> Path:
             raise SystemExit(f"--backbone: {e}") from e
     init_local_ray()
     item_table = ensure_item_table(config, output)
-    splits = load_splits(config.data, config.max_len, config.valid_fraction)
+    splits = load_splits(config.data, config.max_len, config.valid_fraction, config.train_on_valid)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
     task_args = {"model": model_args(config, splits.num_items), "item_table": item_table, "seed": config.seed}
     fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))

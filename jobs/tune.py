@@ -119,6 +119,9 @@ def check_config(config: TuneConfig, teacher_layers: int) -> None:
 
     if config.num_samples < 1:
         raise SystemExit(f"--num-samples must be >= 1, got {config.num_samples}")
+    if config.train_on_valid:
+        raise SystemExit("--train-on-valid: a sweep ranks its trials by validation NDCG@10, which needs the "
+                         "validation targets held out")
     if not config.student_layers or len(set(config.student_layers)) != len(config.student_layers):
         raise SystemExit(f"--student-layers needs distinct depths, got {config.student_layers}")
     too_deep = [d for d in config.student_layers if not 1 <= d <= teacher_layers]

@@ -6,6 +6,9 @@ keeps at most max_len + 2 items):
   s_1 .. s_{n-3}, targets s_2 .. s_{n-2} (position t predicts the item after it);
 - validation: history s_1 .. s_{n-2}, target s_{n-1};
 - test: history s_1 .. s_{n-1}, target s_n.
+With `train_on_valid` the training part is s_1 .. s_{n-1}: the validation item becomes a
+training target, as in the generative-recommenders protocol, which holds out only the test
+item (validation then measures fit, not generalisation).
 Histories keep their most recent `max_len` items. All arrays are right-padded with 0,
 the padding index, so the last valid position of a row is `length - 1`.
 
@@ -32,9 +35,9 @@ def _right_pad(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def train_pair(sequence: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+def train_pair(sequence: np.ndarray, max_len: int, train_on_valid: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and next-item targets of one user's training part, most recent max_len."""
-    train = np.asarray(sequence)[:-2]
+    train = np.asarray(sequence)[:-1 if train_on_valid else -2]
     return train[:-1][-max_len:], train[1:][-max_len:]
 
 
@@ -45,7 +48,8 @@ def eval_pair(sequence: np.ndarray, split: Literal["valid", "test"], max_len: in
     return seq[:cut][-max_len:], int(seq[cut])
 
 
-def to_arrays(sequences: Iterable[Sequence[int]], split: Split, max_len: int) -> dict[str, np.ndarray]:
+def to_arrays(sequences: Iterable[Sequence[int]], split: Split, max_len: int,
+              train_on_valid: bool = False) -> dict[str, np.ndarray]:
     """Batch of sequences -> {"items": [B, max_len] int64, "targets": ...}.
 
     train: targets is [B, max_len] (0 where there is no target);
@@ -57,7 +61,7 @@ def to_arrays(sequences: Iterable[Sequence[int]], split: Split, max_len: int) ->
         raise ValueError(f"{len(short)} sequence(s) shorter than {MIN_SEQUENCE_LENGTH} items "
                          "(need a history item, a validation and a test target); filter them first")
     if split == "train":
-        pairs = [train_pair(s, max_len) for s in used]
+        pairs = [train_pair(s, max_len, train_on_valid) for s in used]
         return {
             "items": _right_pad([p[0] for p in pairs], max_len),
             "targets": _right_pad([p[1] for p in pairs], max_len),

@@ -16,6 +16,15 @@ def test_train_pair_all_positions():
     assert inputs.tolist() == [2, 3] and targets.tolist() == [3, 4]
 
 
+def test_train_on_valid_adds_the_validation_target():
+    # s = 1..6: validation target 5 joins the training part 1..5; the test item 6 stays out.
+    inputs, targets = train_pair(np.arange(1, 7), max_len=10, train_on_valid=True)
+    assert inputs.tolist() == [1, 2, 3, 4] and targets.tolist() == [2, 3, 4, 5]
+    out = to_arrays([[1, 2, 3, 4], [7, 8, 9]], "train", max_len=3, train_on_valid=True)
+    assert out["items"].tolist() == [[1, 2, 0], [7, 0, 0]]
+    assert out["targets"].tolist() == [[2, 3, 0], [8, 0, 0]]
+
+
 def test_eval_pairs():
     seq = np.array([5, 6, 7, 8, 9])
     assert [h.tolist() if hasattr(h, "tolist") else h for h in eval_pair(seq, "valid", 10)] == [[5, 6, 7], 8]

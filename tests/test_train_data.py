@@ -27,6 +27,20 @@ def test_valid_fraction_shrinks_validation_only(ray_session, tiny_prepared):
         load_splits(str(tiny_prepared), 12, valid_fraction=0.0)
 
 
+def test_train_on_valid_trains_on_every_validation_target(ray_session, tiny_prepared):
+    def last_targets(rows):
+        return sorted(int(r["targets"][r["targets"] != 0][-1]) for r in rows if r["targets"].any())
+
+    held_out = load_splits(str(tiny_prepared), 12)
+    trained = load_splits(str(tiny_prepared), 12, train_on_valid=True)
+    valid_targets = sorted(int(r["targets"]) for r in held_out.valid.take_all())
+    assert last_targets(trained.train.take_all()) == valid_targets
+    assert last_targets(held_out.train.take_all()) != valid_targets
+    # The test split is untouched.
+    assert sorted(int(r["targets"]) for r in trained.test.take_all()) == \
+        sorted(int(r["targets"]) for r in held_out.test.take_all())
+
+
 def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp_path):
     # The test session's Ray has 2 CPUs; two 1-CPU workers would leave Ray Data none and hang.
     config = TeacherConfig(data=str(tiny_prepared), output=str(tmp_path / "t"), num_workers=2, cpus_per_worker=1.0,

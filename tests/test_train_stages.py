@@ -30,12 +30,17 @@ def _item_table(path: Path, num_items: int) -> Path:
 
 
 def test_stage0_exports_the_table_it_scored_against(ray_session, tiny_prepared, tmp_path):
+    # Also the --train-on-valid path: no validation, the last epoch tested.
     out = tmp_path / "items"
     config = PretrainItemsConfig(data=str(tiny_prepared), output=str(out), epochs=2, dropout=0.1,
-                                 cosine_temperature=0.1, **{**TINY, "lr": 5e-3})
+                                 cosine_temperature=0.1, train_on_valid=True, **{**TINY, "lr": 5e-3})
     run_items(config)
-    history = json.loads((out / "metrics.json").read_text())["history"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
     assert history[-1]["train/ce"] < history[0]["train/ce"]
+    assert not any(k.startswith("valid/") for h in history for k in h)
+    assert metrics["final"]["best_epoch"] == 2 and metrics["final"]["test_full/NDCG@10"] > 0
+    assert "the last epoch, 2, is tested" in (out / "REPORT.md").read_text()
     for name in ("REPORT.md", "report.json", "training_curve.png"):
         assert (out / name).is_file(), name
     table = load_item_table(out, 30)

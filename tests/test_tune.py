@@ -98,6 +98,15 @@ def test_frozen_cluster_sweep_config_is_valid():
                                  config.trial_cpus, config.data_cpus) == 8
 
 
+def test_sweep_refuses_training_on_validation_targets():
+    from jobs.tune import check_config
+    from slmrec.config import parse_config
+
+    config = parse_config(TuneConfig, "", ["--config", str(ROOT / "cluster/tune_example.yaml"), "--train-on-valid"])
+    with pytest.raises(SystemExit, match="--train-on-valid"):
+        check_config(config, teacher_layers=8)
+
+
 # ---- the sweep, end to end ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

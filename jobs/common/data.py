@@ -24,9 +24,9 @@ def user_seed(user_id) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _arrays_fn(split: Literal["train", "valid", "test"], max_len: int):
+def _arrays_fn(split: Literal["train", "valid", "test"], max_len: int, train_on_valid: bool = False):
     def fn(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = to_arrays(batch["item_index"], split, max_len)
+        out = to_arrays(batch["item_index"], split, max_len, train_on_valid)
         if split != "train":
             out["user_seed"] = np.array([user_seed(u) for u in batch["user_id"]], dtype=np.int64)
         return out
@@ -52,8 +52,9 @@ def in_validation_subset(user_id, fraction: float) -> bool:
     return user_seed(user_id) < fraction * 2.0 ** 63
 
 
-def load_splits(prepared: str, max_len: int, valid_fraction: float = 1.0) -> Splits:
-    """Train/valid/test datasets; validation keeps the `valid_fraction` subset of users."""
+def load_splits(prepared: str, max_len: int, valid_fraction: float = 1.0, train_on_valid: bool = False) -> Splits:
+    """Train/valid/test datasets; validation keeps the `valid_fraction` subset of users.
+    With `train_on_valid` the training rows also hold each user's validation target."""
     import ray.data
 
     if not 0.0 < valid_fraction <= 1.0:
@@ -69,7 +70,7 @@ def load_splits(prepared: str, max_len: int, valid_fraction: float = 1.0) -> Spl
     kept = long_enough.count()
     validated = (long_enough if valid_fraction == 1.0 else
                  long_enough.filter(lambda row: in_validation_subset(row["user_id"], valid_fraction)))
-    splits = {name: source.map_batches(_arrays_fn(name, max_len), batch_format="numpy")
+    splits = {name: source.map_batches(_arrays_fn(name, max_len, train_on_valid), batch_format="numpy")
               for name, source in (("train", long_enough), ("valid", validated), ("test", long_enough))}
     # Evaluation reads its sets every epoch: materialised once (O(users x max_len) in the
     # object store, spilled to disk when large) instead of re-reading the Parquet each time.

@@ -48,6 +48,9 @@ class TrainFlags:
     eval_batch_size: int = field(256, help="users per evaluation batch")
     valid_fraction: float = field(1.0, help="share of users (a fixed hash-chosen subset) validated after each "
                                             "epoch to pick the best one; the final test always scores every user")
+    train_on_valid: bool = field(False, help="also train on each user's validation item, holding out only the "
+                                             "test item as the generative-recommenders protocol does; nothing is "
+                                             "left to validate on, so the last epoch is kept and tested")
     mask_history: bool = field(False, help="exclude each user's history items from full ranking "
                                            "(the generative-recommenders protocol does not)")
     sampled_negatives: int = field(999, help="negatives of the sampled protocol (target + N uniform non-history)")

@@ -82,7 +82,9 @@ def write_training_report(output_dir: str | Path, title: str, extra: dict[str, A
     rows = metrics_by_protocol(final)
     metric_cols = ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
     lines = [f"# {title}", "",
-             f"Best epoch by validation NDCG@10: {final['best_epoch']}.", "",
+             (f"Trained on the validation targets too (--train-on-valid): the last epoch, "
+              f"{final['best_epoch']}, is tested." if metrics["spec"].get("train_on_valid") else
+              f"Best epoch by validation NDCG@10: {final['best_epoch']}."), "",
              "## Test metrics", "", markdown_table(rows, ["protocol", *metric_cols]), ""]
     lines += [f"- `{label}`: {desc}" for label, desc in protocols.items()]
     epoch_cols = ["epoch", "epoch_seconds", "train/total", "valid/NDCG@10", "valid/HR@10"]

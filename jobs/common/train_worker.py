@@ -61,6 +61,7 @@ class TrainSpec:
     torch_threads: int = 0  # 0: leave torch's default (Ray sets it from the worker's CPUs)
     length_window: int = 16  # batches whose rows are sorted by length together (<= 1: trim only)
     bf16_autocast: bool = False
+    train_on_valid: bool = False  # validation targets are trained on: no validation, last epoch kept
     checkpoint_every_steps: int = 0  # 0: once per epoch
     stop_after_steps: int = 0  # >0: stop (as if killed) after this many steps; for tests
 
@@ -291,14 +292,17 @@ def train_loop(config: dict[str, Any]) -> None:
                              "lower --batch-size or add data")
         train_terms = {f"train/{k}": v / n_steps for k, v in sums.items()}
         epoch_seconds = time.time() - epoch_start
-        valid, = _evaluate(task, "valid", spec, [EvalProtocol("full", mask_history=spec.mask_history)], rank, world)
+        # Validation targets that were trained on say nothing about generalisation, so such
+        # a run is not validated and keeps its newest epoch.
+        valid = {} if spec.train_on_valid else _evaluate(
+            task, "valid", spec, [EvalProtocol("full", mask_history=spec.mask_history)], rank, world)[0]
         record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_terms,
                   **{f"valid/{k}": v for k, v in valid.items()}}
         state["history"].append(record)
-        if valid[BEST_METRIC] > state["best"]:
+        if spec.train_on_valid or valid[BEST_METRIC] > state["best"]:
             # Metrics are all-reduced, so every rank takes the same decision and keeps the
             # same best weights for the final test.
-            state["best"], state["best_epoch"] = valid[BEST_METRIC], epoch + 1
+            state["best"], state["best_epoch"] = valid.get(BEST_METRIC), epoch + 1
             with _full_params(engine, zero):
                 best_weights = _trainable_state(engine.module)
                 if rank == 0:
@@ -306,9 +310,10 @@ def train_loop(config: dict[str, Any]) -> None:
         state["epoch"] = epoch + 1
         if rank == 0:
             atomic_write_json(out / "history.json", state["history"])
-            log.info(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s "
-                     f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
-                     f"at epoch {state['best_epoch']})")
+            verdict = ("not validated (validation targets trained on)" if spec.train_on_valid else
+                       f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
+                       f"at epoch {state['best_epoch']})")
+            log.info(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s {verdict}")
         _report(record, state, best_weights, engine, optimizer, zero, rank)
 
     _final_test(task, spec, state, best_weights, engine, optimizer, zero, rank, world, out)
@@ -316,7 +321,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights: dict[str, torch.Tensor],
                 engine, optimizer, zero: int, rank: int, world: int, out: Path) -> None:
-    """Evaluate the best model (by validation) on the test users under every protocol."""
+    """Evaluate the best model (by validation; the last one without) on the test users
+    under every protocol."""
     with _full_params(engine, zero, modify=True):
         engine.module.load_state_dict(best_weights, strict=False)
     protocols = reported_protocols(spec.mask_history, spec.sampled_negatives, spec.seed)

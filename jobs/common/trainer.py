@@ -28,7 +28,7 @@ def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: 
         sampled_negatives=flags.sampled_negatives, seed=flags.seed, log_every=flags.log_every,
         checkpoint_every_steps=flags.checkpoint_every_steps, stop_after_steps=flags.fail_after_steps,
         torch_threads=flags.torch_threads, length_window=flags.length_bucket_window,
-        bf16_autocast=flags.bf16_autocast)
+        bf16_autocast=flags.bf16_autocast, train_on_valid=flags.train_on_valid)
     for key, value in overrides.items():
         setattr(spec, key, value)
     return spec
