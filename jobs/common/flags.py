@@ -33,8 +33,9 @@ class TrainFlags:
                                                "so a batch pads only to its own longest row (0: keep the "
                                                "shuffled order; all-padding columns are cut either way)")
     bf16_autocast: bool = field(False, help="bf16 mixed precision (torch.autocast) in the workers: ~1.6x faster "
-                                            "training on CPUs with AVX512-BF16/AMX; weights, optimizer state and "
-                                            "ranking stay fp32 (GPU workers get bf16 from the DeepSpeed config)")
+                                            "training on CPUs with AVX512-BF16/AMX, several times slower without "
+                                            "them (the workers warn); weights, optimizer state and ranking stay "
+                                            "fp32 (GPU workers get bf16 from the DeepSpeed config)")
     use_gpu: bool = field(False, help="one GPU per worker; bf16 when the DeepSpeed config says auto")
     deepspeed_config: str = field("cluster/deepspeed/zero0.json",
                                   help="DeepSpeed JSON (ZeRO stage, clipping, bf16); batch sizes are filled in")

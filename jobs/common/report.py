@@ -60,10 +60,15 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
             ax_loss.plot(epochs, values, marker="o", label=key.split("/", 1)[1])
     ax_loss.set(xlabel="epoch", ylabel="mean training loss term", title="training loss")
     ax_loss.legend()
-    for key in sorted(k for k in (history[0] if history else {}) if k.startswith("valid/")):
+    valid_keys = sorted(k for k in (history[0] if history else {}) if k.startswith("valid/"))
+    for key in valid_keys:
         ax_val.plot(epochs, [h[key] for h in history], marker="o", label=key.split("/", 1)[1])
     ax_val.set(xlabel="epoch", ylabel="validation metric", title="validation (full ranking)")
-    ax_val.legend()
+    if valid_keys:
+        ax_val.legend()
+    else:
+        ax_val.text(0.5, 0.5, "not validated\n(trained on the validation targets)", ha="center", va="center",
+                    transform=ax_val.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
     atomic_save_figure(fig, path)

@@ -29,6 +29,7 @@ from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_sta
                                optimizer_state_to_tensors, save_checkpoint)
 from slmrec.evaluation import EvalProtocol, evaluate_batches, reported_protocols
 from slmrec.metrics import MetricSums
+from slmrec.precision import bf16_autocast_warning
 from slmrec.schedule import resume_at, warmup_cosine
 from slmrec.tasks import Task
 
@@ -226,6 +227,9 @@ def train_loop(config: dict[str, Any]) -> None:
     task = build_task(config["task_args"])
     device = _device()
     task.model.to(device)
+    slow_bf16 = spec.bf16_autocast and bf16_autocast_warning(device.type)
+    if slow_bf16 and rank == 0:
+        log.warning(f"[train] {slow_bf16}")
 
     params = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
