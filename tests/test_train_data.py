@@ -18,8 +18,15 @@ def test_validation_subset_is_stable_nested_and_about_the_fraction():
     assert half == {u for u in users if in_validation_subset(u, 0.5)}
 
 
-def test_valid_fraction_shrinks_validation_only(ray_session, tiny_prepared):
-    full = load_splits(str(tiny_prepared), 12)
+@pytest.fixture(scope="module")
+def held_out(ray_session, tiny_prepared):
+    """The default splits (validation item held out), shared: each load materialises the
+    evaluation sets."""
+    return load_splits(str(tiny_prepared), 12)
+
+
+def test_valid_fraction_shrinks_validation_only(held_out, tiny_prepared):
+    full = held_out
     part = load_splits(str(tiny_prepared), 12, valid_fraction=0.3)
     assert 0 < part.valid.count() < full.valid.count()
     assert part.test.count() == full.test.count() == full.valid.count()
@@ -27,11 +34,10 @@ def test_valid_fraction_shrinks_validation_only(ray_session, tiny_prepared):
         load_splits(str(tiny_prepared), 12, valid_fraction=0.0)
 
 
-def test_train_on_valid_trains_on_every_validation_target(ray_session, tiny_prepared):
+def test_train_on_valid_trains_on_every_validation_target(held_out, tiny_prepared):
     def last_targets(rows):
         return sorted(int(r["targets"][r["targets"] != 0][-1]) for r in rows if r["targets"].any())
 
-    held_out = load_splits(str(tiny_prepared), 12)
     trained = load_splits(str(tiny_prepared), 12, train_on_valid=True)
     valid_targets = sorted(int(r["targets"]) for r in held_out.valid.take_all())
     assert last_targets(trained.train.take_all()) == valid_targets
