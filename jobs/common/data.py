@@ -74,6 +74,8 @@ def load_splits(prepared: str, max_len: int, valid_fraction: float = 1.0, train_
               for name, source in (("train", long_enough), ("valid", validated), ("test", long_enough))}
     # Evaluation reads its sets every epoch: materialised once (O(users x max_len) in the
     # object store, spilled to disk when large) instead of re-reading the Parquet each time.
-    splits["valid"] = splits["valid"].materialize()
+    # A run that trains on the validation targets never validates: its set stays lazy.
+    if not train_on_valid:
+        splits["valid"] = splits["valid"].materialize()
     splits["test"] = splits["test"].materialize()
     return Splits(users=users, too_short=users - kept, num_items=int(stats["items"]), **splits)
