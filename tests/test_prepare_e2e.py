@@ -63,6 +63,18 @@ def test_hand_computed_log_through_ray(ray_session, tmp_path):
         (2, [2, 4, 3], [6, 7, 8])]         # 10@5 truncated
     assert not list(tmp_path.glob(".prep.tmp-*")), "temporary output left behind"
 
+    # Training re-reads the sequences every epoch: through the V1 Parquet reader, which
+    # starts no footer-reader actors, and without changing the session's default.
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    default = context.use_datasource_v2
+    source = prepared.sequences_dataset(out)._logical_plan.dag
+    while source.input_dependencies:
+        source = source.input_dependencies[0]
+    assert type(source).__name__ == "Read" and type(source.datasource).__name__ == "ParquetDatasource"
+    assert context.use_datasource_v2 == default
+
 
 def test_movielens_100k_known_counts_through_the_job(ray_session, tmp_path):
     log = importers.movielens_100k(tmp_path / "log")
