@@ -174,3 +174,14 @@ def test_full_backbone_is_every_layer_frozen_without_adapters(tmp_path, data):
     rows = probe_layers(whole, *data, steps=2, lr=1e-2, seed=0)
     assert [r["source_layer"] for r in rows] == list(range(1, FULL_DEPTH + 1))
     assert full_backbone_of(whole) is None  # nothing deeper to probe
+
+
+def test_probe_caption_warns_when_validation_targets_were_trained_on():
+    from jobs.common.distill_report import probe_caption
+    from jobs.distill import DistillConfig
+
+    held_out = DistillConfig(data="d", output="o", probe_users=256)
+    assert probe_caption(held_out) == "256 users; frozen forwards in fp32, readouts fp32."
+    trained_on = DistillConfig(data="d", output="o", probe_users=256, train_on_valid=True, bf16_autocast=True)
+    assert probe_caption(trained_on).startswith("256 users; frozen forwards in bf16 autocast")
+    assert "trained on these validation targets (--train-on-valid)" in probe_caption(trained_on)

@@ -79,6 +79,18 @@ def _probe(teacher: SeqRecommender, splits, seed: int, output: Path, users: int,
     return results
 
 
+def probe_caption(config) -> str:
+    """What the probe's numbers rest on. Under --train-on-valid the models trained on the
+    validation targets the probe scores, so its levels are optimistic; the comparison
+    between layers is what it is for."""
+    caption = (f"{config.probe_users} users; frozen forwards in "
+               f"{'bf16 autocast' if config.bf16_autocast else 'fp32'}, readouts fp32.")
+    if config.train_on_valid:
+        caption += (" The models were trained on these validation targets (--train-on-valid): compare the "
+                    "layers with each other, not these levels with held-out results.")
+    return caption
+
+
 def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, Any]:
     from jobs.common.data import load_splits
     from slmrec.speed import measure_inference
@@ -151,8 +163,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
               "## Loss terms", "", "![loss terms](loss_terms.png)", "", "![training curve](training_curve.png)", ""]
     if probe:
         lines += ["## Layer-redundancy probe (validation NDCG@10 of a linear readout per layer)", "",
-                  f"{config.probe_users} users; frozen forwards in "
-                  f"{'bf16 autocast' if config.bf16_autocast else 'fp32'}, readouts fp32.", ""]
+                  probe_caption(config), ""]
         for label, rows in probe.items():
             lines += [f"{label}:", "", markdown_table(rows, ["layer", "source_layer", "NDCG@10", "HR@10"]), ""]
         lines += ["![layer probe](layer_probe.png)", ""]
