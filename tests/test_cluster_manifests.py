@@ -194,3 +194,19 @@ def test_deepspeed_configs_name_their_zero_stage():
     assert stages == {"zero0.json": 0, "zero2.json": 2, "zero3_offload.json": 3}
     offload = load_ds_config(CLUSTER / "deepspeed" / "zero3_offload.json")["zero_optimization"]
     assert offload["offload_param"]["device"] == offload["offload_optimizer"]["device"] == "cpu"
+
+
+def test_ml1m_recipe_stages_chain_on_one_split():
+    """cluster/ml1m/: each stage reads the previous one's output, all on the same data,
+    history length and split (validation items trained on)."""
+    def load(job: str, name: str):
+        return parse_job_flags(job, ["--config", str(CLUSTER / "ml1m" / name)])
+
+    items, teacher, student = (load("pretrain_items", "items.yaml"), load("train_teacher", "teacher.yaml"),
+                               load("distill", "student.yaml"))
+    assert teacher.item_table == items.output and student.teacher == teacher.output
+    for stage in (items, teacher, student):
+        assert (stage.data, stage.max_len, stage.train_on_valid) == (items.data, 200, True)
+    assert teacher.backbone.name == "smollm2-135m" and teacher.backbone.layers == 8
+    assert len(teacher.backbone.lora_targets) == 7
+    assert student.student_layers * 4 == teacher.backbone.layers
