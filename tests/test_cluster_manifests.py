@@ -20,16 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.job_flags import parse_job_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 # A command ends at a line end without a backslash, or at a Markdown backtick.
 COMMAND = re.compile(r"python\S*\s+(?:\S*/)?jobs/(\w+)\.py\b((?:[^\n\\`]|\\\n)*)")
 SHELL_END = {"|", "||", "&&", ";", "&", ">", "2>&1"}
-
-
-class _Parsed(Exception):
-    def __init__(self, config):
-        self.config = config
 
 
 def yaml_documents() -> list[tuple[Path, object]]:
@@ -74,24 +71,6 @@ def job_commands() -> list[tuple[str, str, list[str]]]:
                 argv.append("1" if token.startswith("$") else token)
             found.append((where, m.group(1), argv))
     return found
-
-
-def parse_job_flags(job: str, argv: list[str]):
-    """Parse `argv` exactly as `python jobs/JOB.py argv` would, without running the job."""
-    module = importlib.import_module(f"jobs.{job}")
-    real = module.parse_config
-
-    def parse_only(cls, description, args=None, *rest, **kw):
-        raise _Parsed(real(cls, description, args, *rest, **kw))
-
-    module.parse_config = parse_only
-    try:
-        module.main(argv)
-    except _Parsed as parsed:
-        return parsed.config
-    finally:
-        module.parse_config = real
-    raise AssertionError(f"jobs/{job}.py main() never called parse_config")
 
 
 def test_every_file_parses():

@@ -1,0 +1,37 @@
+"""jobs/pipeline.py (what `make demo` runs) hands every stage a command line that stage's
+own parser accepts, and chains the stages' outputs. The stages themselves are tested
+end to end in their own files; here each stage's `main` only records its argv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.job_flags import parse_job_flags
+
+STAGES = ("import_data", "prepare", "distill", "score")
+
+
+def test_pipeline_stages_get_flags_their_parsers_accept_and_chain(ray_session, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from jobs import pipeline
+
+    calls: dict[str, list[str]] = {}
+    for stage in STAGES:
+        monkeypatch.setattr(importlib.import_module(f"jobs.{stage}"), "main",
+                            lambda argv, stage=stage: calls.setdefault(stage, argv))
+    root = pipeline.run(pipeline.PipelineConfig(output=str(tmp_path / "demo")))
+    monkeypatch.undo()
+    assert list(calls) == list(STAGES), "every stage runs once, in order"
+
+    imported, prepared, distilled, scored = (parse_job_flags(stage, calls[stage]) for stage in STAGES)
+    assert Path(prepared.input) == Path(imported.output) == root / "logs"
+    assert Path(distilled.data) == Path(prepared.output) == Path(scored.data)
+    assert Path(scored.model) == Path(distilled.output) / "best"
+    defaults = pipeline.PipelineConfig()
+    assert (distilled.item_epochs, distilled.teacher_epochs, distilled.epochs) == (
+        defaults.item_epochs, defaults.teacher_epochs, defaults.epochs)
+    assert (distilled.batch_size, distilled.lr, distilled.max_len) == (
+        defaults.batch_size, defaults.lr, prepared.max_len)
+    assert distilled.backbone.layers == defaults.teacher_layers
+    assert distilled.student_layers == defaults.student_layers and distilled.ms_weight == 0  # one block
+    assert f"python jobs/distill.py --data {distilled.data}" in capsys.readouterr().out
