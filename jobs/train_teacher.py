@@ -17,6 +17,7 @@ resumes from the last checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,14 +56,14 @@ def ensure_item_table(config: TeacherConfig, output: Path) -> str:
     items_out = output / "items"
     if not (items_out / "item_table").is_dir():
         print(f"[teacher] no --item-table: training SASRec first into {items_out}", flush=True)
-        run_items(PretrainItemsConfig(
-            data=config.data, output=str(items_out), max_len=config.max_len, epochs=config.item_epochs,
-            item_dim=config.item_dim, batch_size=config.batch_size, warmup_steps=config.warmup_steps,
-            num_workers=config.num_workers, cpus_per_worker=config.cpus_per_worker,
-            use_gpu=config.use_gpu, seed=config.seed, eval_batch_size=config.eval_batch_size,
-            mask_history=config.mask_history, sampled_negatives=config.sampled_negatives,
-            train_on_valid=config.train_on_valid, storage_path=config.storage_path, max_failures=config.max_failures,
-            run_name=f"{config.run_name}-items" if config.run_name else None))
+        # Data, resources, precision and evaluation settings carry over; the optimiser's
+        # (learning rate, weight decay, accumulation) stay SASRec's defaults, and fault
+        # injection is for the teacher run alone.
+        own = {"output", "epochs", "lr", "weight_decay", "grad_accum", "run_name", "fail_after_steps"}
+        fields = dataclasses.fields(TrainFlags) + dataclasses.fields(DataFlags)
+        shared = {f.name: getattr(config, f.name) for f in fields if f.name not in own}
+        run_items(PretrainItemsConfig(output=str(items_out), epochs=config.item_epochs, item_dim=config.item_dim,
+                                      run_name=f"{config.run_name}-items" if config.run_name else None, **shared))
     return str(items_out)
 
 

@@ -147,3 +147,24 @@ def test_distill_missing_teacher_files(tiny_prepared, tmp_path):
     config = DistillConfig(data=str(tiny_prepared), teacher=str(tmp_path / "teacher"), output=str(tmp_path / "x"))
     with pytest.raises(SystemExit, match="expected the output of jobs/train_teacher.py"):
         run_distill(config)
+
+
+def test_teacher_trains_its_table_with_the_runs_data_resource_and_precision_settings(tmp_path, monkeypatch):
+    import jobs.pretrain_items
+    from jobs.train_teacher import ensure_item_table
+
+    captured = []
+    monkeypatch.setattr(jobs.pretrain_items, "run", captured.append)
+    config = TeacherConfig(data="d", output=str(tmp_path), max_len=30, item_epochs=7, epochs=2, lr=5e-3,
+                           batch_size=8, torch_threads=2, length_bucket_window=4, bf16_autocast=True,
+                           valid_fraction=0.5, train_on_valid=True, checkpoint_every_steps=5, log_every=3,
+                           fail_after_steps=9, run_name="t")
+    assert ensure_item_table(config, tmp_path) == str(tmp_path / "items")
+    (items,) = captured
+    assert isinstance(items, PretrainItemsConfig) and items.output == str(tmp_path / "items")
+    assert (items.data, items.max_len, items.epochs, items.batch_size, items.torch_threads,
+            items.length_bucket_window, items.bf16_autocast, items.valid_fraction, items.train_on_valid,
+            items.checkpoint_every_steps, items.log_every, items.run_name) == (
+        "d", 30, 7, 8, 2, 4, True, 0.5, True, 5, 3, "t-items")
+    # The optimiser's settings stay SASRec's own, and fault injection stays with the teacher.
+    assert (items.lr, items.fail_after_steps) == (PretrainItemsConfig.lr, 0)
