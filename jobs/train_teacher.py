@@ -63,6 +63,7 @@ def ensure_item_table(config: TeacherConfig, output: Path) -> str:
         fields = dataclasses.fields(TrainFlags) + dataclasses.fields(DataFlags)
         shared = {f.name: getattr(config, f.name) for f in fields if f.name not in own}
         run_items(PretrainItemsConfig(output=str(items_out), epochs=config.item_epochs, item_dim=config.item_dim,
+                                      dropout=config.item_dropout,
                                       run_name=f"{config.run_name}-items" if config.run_name else None, **shared))
     return str(items_out)
 

@@ -28,8 +28,8 @@ def test_pipeline_stages_get_flags_their_parsers_accept_and_chain(ray_session, t
     assert Path(distilled.data) == Path(prepared.output) == Path(scored.data)
     assert Path(scored.model) == Path(distilled.output) / "best"
     defaults = pipeline.PipelineConfig()
-    assert (distilled.item_epochs, distilled.teacher_epochs, distilled.epochs) == (
-        defaults.item_epochs, defaults.teacher_epochs, defaults.epochs)
+    assert (distilled.item_epochs, distilled.item_dropout, distilled.teacher_epochs, distilled.epochs) == (
+        defaults.item_epochs, defaults.item_dropout, defaults.teacher_epochs, defaults.epochs)
     assert (distilled.batch_size, distilled.lr, distilled.max_len) == (
         defaults.batch_size, defaults.lr, prepared.max_len)
     assert distilled.backbone.layers == defaults.teacher_layers

@@ -158,10 +158,11 @@ def test_teacher_trains_its_table_with_the_runs_data_resource_and_precision_sett
     config = TeacherConfig(data="d", output=str(tmp_path), max_len=30, item_epochs=7, epochs=2, lr=5e-3,
                            batch_size=8, torch_threads=2, length_bucket_window=4, bf16_autocast=True,
                            valid_fraction=0.5, train_on_valid=True, checkpoint_every_steps=5, log_every=3,
-                           fail_after_steps=9, run_name="t")
+                           fail_after_steps=9, run_name="t", item_dropout=0.2)
     assert ensure_item_table(config, tmp_path) == str(tmp_path / "items")
     (items,) = captured
     assert isinstance(items, PretrainItemsConfig) and items.output == str(tmp_path / "items")
+    assert items.dropout == 0.2
     assert (items.data, items.max_len, items.epochs, items.batch_size, items.torch_threads,
             items.length_bucket_window, items.bf16_autocast, items.valid_fraction, items.train_on_valid,
             items.checkpoint_every_steps, items.log_every, items.run_name) == (

@@ -66,3 +66,5 @@ class ItemTableFlags:
                                                  "(default: train it first, under OUTPUT/items)")
     item_dim: int = field(128, help="item embedding width (SASRec stage 0)")
     item_epochs: int = field(20, help="SASRec epochs when the item table is trained first")
+    item_dropout: float = field(0.5, help="SASRec dropout when the item table is trained first (the paper's "
+                                          "~0.5)")
