@@ -80,7 +80,8 @@ def run(config: PipelineConfig) -> Path:
             "--hidden", str(config.hidden), "--heads", str(config.heads),
             "--student-layers", str(config.student_layers), "--blocks", str(config.blocks), *ms,
             "--item-epochs", str(config.item_epochs), "--item-dropout", str(config.item_dropout),
-            "--teacher-epochs", str(config.teacher_epochs), "--epochs", str(config.epochs), "--batch-size", str(config.batch_size), "--lr", str(config.lr),
+            "--teacher-epochs", str(config.teacher_epochs), "--epochs", str(config.epochs),
+            "--batch-size", str(config.batch_size), "--lr", str(config.lr),
             "--num-workers", str(config.num_workers)])
     if not scores.exists():
         _call("score", score.main, ["--model", str(kd / "best"), "--data", str(prepared),
