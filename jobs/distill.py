@@ -21,7 +21,6 @@ REPORT.md, report.json and PNGs (loss terms, metrics, layer probe).
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags  # noqa: E402
+from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags, inherited_settings  # noqa: E402
 from slmrec.backbones import BackboneConfig  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
@@ -143,10 +142,10 @@ def ensure_teacher(config: DistillConfig, output: Path) -> Path:
         # Every teacher setting comes from the distillation flags of the same name (the
         # teacher's flags are a subset of them), except where the teacher run differs.
         own = {"output", "epochs", "warmup_steps", "run_name"}
-        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TeacherConfig) if f.name not in own}
         run_teacher(TeacherConfig(output=str(teacher_out), epochs=config.teacher_epochs,
                                   warmup_steps=max(config.warmup_steps, 1),
-                                  run_name=f"{config.run_name}-teacher" if config.run_name else None, **shared))
+                                  run_name=f"{config.run_name}-teacher" if config.run_name else None,
+                                  **inherited_settings(config, TeacherConfig, own)))
     return teacher_out / "best"
 
 

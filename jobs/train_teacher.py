@@ -17,14 +17,13 @@ resumes from the last checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags  # noqa: E402
+from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags, inherited_settings  # noqa: E402
 from slmrec.backbones import BackboneConfig  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
@@ -57,14 +56,13 @@ def ensure_item_table(config: TeacherConfig, output: Path) -> str:
     if not (items_out / "item_table").is_dir():
         print(f"[teacher] no --item-table: training SASRec first into {items_out}", flush=True)
         # Data, resources, precision and evaluation settings carry over; the optimiser's
-        # (learning rate, weight decay, accumulation) stay SASRec's defaults, and fault
-        # injection is for the teacher run alone.
-        own = {"output", "epochs", "lr", "weight_decay", "grad_accum", "run_name", "fail_after_steps"}
-        fields = dataclasses.fields(TrainFlags) + dataclasses.fields(DataFlags)
-        shared = {f.name: getattr(config, f.name) for f in fields if f.name not in own}
-        run_items(PretrainItemsConfig(output=str(items_out), epochs=config.item_epochs, item_dim=config.item_dim,
-                                      dropout=config.item_dropout,
-                                      run_name=f"{config.run_name}-items" if config.run_name else None, **shared))
+        # (learning rate, weight decay, accumulation) and SASRec's architecture stay its
+        # defaults, and fault injection is for the teacher run alone.
+        own = {"output", "epochs", "lr", "weight_decay", "grad_accum", "run_name", "fail_after_steps",
+               "blocks", "heads", "dropout", "cosine_temperature"}
+        run_items(PretrainItemsConfig(output=str(items_out), epochs=config.item_epochs, dropout=config.item_dropout,
+                                      run_name=f"{config.run_name}-items" if config.run_name else None,
+                                      **inherited_settings(config, PretrainItemsConfig, own)))
     return str(items_out)
 
 

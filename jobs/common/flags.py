@@ -3,8 +3,9 @@ inherits the groups it needs, and `slmrec.config.parse_config` turns every field
 a documented flag."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from slmrec.config import field
 
@@ -68,3 +69,10 @@ class ItemTableFlags:
     item_epochs: int = field(20, help="SASRec epochs when the item table is trained first")
     item_dropout: float = field(0.5, help="SASRec dropout when the item table is trained first (the paper's "
                                           "~0.5)")
+
+
+def inherited_settings(source: Any, stage: type, own: set[str]) -> dict[str, Any]:
+    """The settings a stage that a job starts itself (`stage`, a config class) takes from
+    the job's config: every field of `stage` except `own`, which the caller sets. A field
+    of `stage` that the job's config lacks fails here, so a new one needs a decision."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(stage) if f.name not in own}
