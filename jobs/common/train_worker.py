@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from jobs.common.progress import Progress
 from slmrec.bucketing import length_buckets
 from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_state_from_tensors,
                                optimizer_state_to_tensors, save_checkpoint)
@@ -189,28 +190,6 @@ def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-class _Progress:
-    """One line every `every` steps: epoch, step, loss terms, throughput and ETA. Plain
-    lines rather than a redrawn bar: worker output reaches the driver as log lines."""
-
-    def __init__(self, total_steps: int, every: int, rank: int, records: list[dict[str, float]]):
-        self.total, self.every, self.rank = total_steps, every, rank
-        self.start = time.time()
-        self.done = 0
-        self.records = records  # every logged step's loss terms, for the report's curves
-
-    def step(self, epoch: int, step: int, global_step: int, samples: int, terms: dict[str, float]) -> None:
-        self.done += 1
-        if self.rank != 0 or (step % self.every and self.done != self.total):
-            return
-        self.records.append({"step": global_step, "epoch": epoch + 1, **terms})
-        elapsed = time.time() - self.start
-        eta = elapsed / self.done * max(0, self.total - self.done)
-        loss = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
-        log.info(f"[train] epoch {epoch + 1} step {step}/{self.total} {loss} "
-                 f"{samples / max(elapsed, 1e-9):.1f} samples/s ETA {eta / 60:.1f} min")
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` = {"spec": TrainSpec, "build_task": callable,
     "task_args": dict}."""
@@ -259,9 +238,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # neither trains them twice nor runs past the schedule's last step.
     done_in_epoch = state.pop("epoch_step", 0)
     carried_sums = state.pop("epoch_sums", {})
-    progress = _Progress(steps_per_epoch * (spec.epochs - state["epoch"]) - done_in_epoch, spec.log_every, rank,
-                         state["steps"])
-    samples = 0
+    progress = Progress(epochs=spec.epochs, steps_per_epoch=steps_per_epoch, first_step=state["global_step"],
+                        every=spec.log_every, rank=rank, records=state["steps"])
     for epoch in range(state["epoch"], spec.epochs):
         epoch_start = time.time()
         engine.train()
@@ -282,8 +260,7 @@ def train_loop(config: dict[str, Any]) -> None:
             logged = terms.as_dict()
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
-            samples += batch["items"].shape[0] * world
-            progress.step(epoch, step, state["global_step"], samples, logged)
+            progress.step(epoch, step, state["global_step"], batch["items"].shape[0] * world, logged)
             if spec.stop_after_steps and state["global_step"] >= spec.stop_after_steps:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
