@@ -1,4 +1,5 @@
-"""The user state at each row's last item, with the last decoder layer run only there.
+"""The user state at each row's last item, with the last decoder layer run only there and
+the shared prompt run once per batch.
 
 Ranking reads one position per user (the last item's post-norm state), yet a plain forward
 runs every layer at every position. Each earlier layer must run everywhere (later
@@ -7,6 +8,12 @@ keys and values are still needed at every position, its query, attention output,
 final norm only at the read one. That is most of a layer: at SmolLM2's shape and 200-item
 histories it saved 44% of a 2-layer model's time and 7% of an 8-layer one's, so it also
 widens the student's inference lead, which is the point of the method.
+
+The instruction prompt is the same tokens at the same positions for every user, and
+attention is causal, so its states and its keys and values at every layer do not depend on
+the user: they are computed once (batch 1) and every user's items attend to them. At
+SmolLM2's shape (14 prompt tokens, 8 layers, 64 users) that cut the time of a batch by 10%
+for 200-item histories and 44% for 20-item ones.
 
 Supported: LLaMA-architecture decoders (`LlamaModel`, which SmolLM2 and the scratch
 backbone are, LoRA-injected or merged). `SeqRecommender.user_states` takes the full forward
@@ -19,8 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel, rotate_half
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
 def supports_last_only(decoder: nn.Module) -> bool:
@@ -33,45 +41,69 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotate_half(x) * sin
 
 
-def _last_layer_at(layer: LlamaDecoderLayer, hidden: torch.Tensor, rows: torch.Tensor,
-                   index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`layer`'s output at position index[b] of each row b ([B, H]), with keys and values
-    from every position up to it (causal), as the full layer computes it there; cos and
-    sin are the rotary tables of positions 0..L-1 ([1, L, head_dim])."""
+def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           past: KeysValues | None, read_at: torch.Tensor | None = None) -> tuple[torch.Tensor, KeysValues]:
+    """`layer` over `hidden` [B, L, H] (rotary tables of its positions: cos, sin [1, L, d]),
+    each position attending to the prefix's keys and values `past` ([1, kv_heads, P, d]
+    each; None: no prefix) and causally to `hidden`'s own positions, as LlamaDecoderLayer
+    computes it. Returns the output at every position [B, L, H], or with `read_at` only at
+    position read_at[b] of each row [B, H], and the keys and values of `hidden`'s positions."""
     attn = layer.self_attn
     batch, length, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
     head_dim = attn.head_dim
-    keys = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    normed = layer.input_layernorm(hidden)
+    keys = _rope(attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2),
+                 cos.unsqueeze(1), sin.unsqueeze(1))
     values = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    keys = _rope(keys, cos.unsqueeze(1), sin.unsqueeze(1))
-    query = attn.q_proj(normed[rows, index]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    query = _rope(query, cos[0, index][:, None, None], sin[0, index][:, None, None])
-    visible = torch.arange(length, device=hidden.device) <= index[:, None]
+    positions = torch.arange(length, device=hidden.device)
+    if read_at is None:
+        residual, query_in = hidden, normed
+        query_cos, query_sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        visible = (positions[None, :] <= positions[:, None])[None, None]  # [1, 1, L, L]
+    else:
+        rows = torch.arange(batch, device=hidden.device)
+        residual, query_in = hidden[rows, read_at].unsqueeze(1), normed[rows, read_at].unsqueeze(1)
+        query_cos, query_sin = cos[0, read_at][:, None, None], sin[0, read_at][:, None, None]
+        visible = (positions[None, :] <= read_at[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    query = _rope(attn.q_proj(query_in).view(batch, query_in.shape[1], -1, head_dim).transpose(1, 2),
+                  query_cos, query_sin)
+    keys, values = keys.to(query.dtype), values.to(query.dtype)
+    own = (keys, values)
+    if past is not None:
+        keys = torch.cat([past[0].expand(batch, -1, -1, -1), keys], dim=2)
+        values = torch.cat([past[1].expand(batch, -1, -1, -1), values], dim=2)
+        visible = torch.cat([visible.new_ones(*visible.shape[:-1], past[0].shape[2]), visible], dim=-1)
     groups = attn.num_key_value_groups
-    keys = keys.repeat_interleave(groups, dim=1).to(query.dtype)
-    values = values.repeat_interleave(groups, dim=1).to(query.dtype)
-    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, None, None, :],
-                                              scale=attn.scaling)
-    state = hidden[rows, index] + attn.o_proj(attended.reshape(batch, -1))
-    return state + layer.mlp(layer.post_attention_layernorm(state))
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    # Plain causal attention (no prefix, every query) needs no mask tensor: the faster kernel.
+    plain = past is None and read_at is None
+    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=None if plain else visible,
+                                              is_causal=plain, scale=attn.scaling)
+    state = residual + attn.o_proj(attended.transpose(1, 2).reshape(batch, query_in.shape[1], -1))
+    out = state + layer.mlp(layer.post_attention_layernorm(state))
+    return (out if read_at is None else out.squeeze(1)), own
 
 
-def decoder_last_states(decoder: LlamaModel, inputs_embeds: torch.Tensor,
-                        index: torch.Tensor) -> torch.Tensor:
-    """Post-norm decoder states [B, H] at position index[b] of each row, for inputs that
-    attend causally with no padding mask (as SeqRecommender feeds the decoder: padding is
-    at the right, after every position read)."""
-    batch, length, _ = inputs_embeds.shape
-    position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0)
-    # The trunk is LlamaModel.forward's own loop, with its own mask and rotary tables.
-    mask = create_causal_mask(config=decoder.config, inputs_embeds=inputs_embeds,
-                              attention_mask=None, cache=None, position_ids=position_ids)
-    cos, sin = decoder.rotary_emb(inputs_embeds, position_ids=position_ids)
+def decoder_last_states(decoder: LlamaModel, inputs_embeds: torch.Tensor, index: torch.Tensor,
+                        prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-norm decoder states [B, H] at position index[b] of each row of `inputs_embeds`
+    [B, L, H], which follow the prefix shared by every row (`prefix_embeds` [P, H], or
+    none) and attend causally with no padding mask (as SeqRecommender feeds the decoder:
+    padding is at the right, after every position read)."""
+    layers = decoder.layers[: decoder.config.num_hidden_layers]
+    pasts: list[KeysValues | None] = [None] * len(layers)
+    start = 0
+    if prefix_embeds is not None and prefix_embeds.shape[0]:
+        start = prefix_embeds.shape[0]
+        hidden = prefix_embeds.unsqueeze(0)
+        positions = torch.arange(start, device=hidden.device).unsqueeze(0)
+        cos, sin = decoder.rotary_emb(hidden, position_ids=positions)
+        for i, layer in enumerate(layers):
+            hidden, pasts[i] = _layer(layer, hidden, cos, sin, None)
+    positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+    cos, sin = decoder.rotary_emb(inputs_embeds, position_ids=positions)
     hidden = inputs_embeds
-    for layer in decoder.layers[: decoder.config.num_hidden_layers - 1]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                       position_embeddings=(cos, sin))
-    rows = torch.arange(batch, device=inputs_embeds.device)
-    last = decoder.layers[decoder.config.num_hidden_layers - 1]
-    return decoder.norm(_last_layer_at(last, hidden, rows, index, cos, sin))
+    for layer, past in zip(layers[:-1], pasts[:-1]):
+        hidden, _ = _layer(layer, hidden, cos, sin, past)
+    last, _ = _layer(layers[-1], hidden, cos, sin, pasts[-1], read_at=index)
+    return decoder.norm(last)

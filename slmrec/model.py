@@ -106,13 +106,21 @@ class SeqRecommender(nn.Module):
     def depth(self) -> int:
         return self.decoder.config.num_hidden_layers
 
+    def _item_inputs(self, items: torch.Tensor) -> torch.Tensor:
+        """The items' decoder inputs [B, L, H]."""
+        x = self.input_proj(F.embedding(items, self.item_table))
+        return x.to(self.decoder.get_input_embeddings().weight.dtype)
+
+    def _prompt_inputs(self) -> torch.Tensor:
+        """The prompt's token embeddings [P, H] (P = 0 without a prompt)."""
+        return self.decoder.get_input_embeddings()(self._prompt_ids)
+
     def _decoder_inputs(self, items: torch.Tensor) -> torch.Tensor:
         """inputs_embeds [B, P + L, H]: the prompt's token embeddings, then the items'."""
-        x = self.input_proj(F.embedding(items, self.item_table))
+        x = self._item_inputs(items)
         if self.prompt_ids:
-            prompt = self.decoder.get_input_embeddings()(self._prompt_ids)
-            x = torch.cat([prompt.to(x.dtype).expand(items.shape[0], -1, -1), x], dim=1)
-        return x.to(self.decoder.get_input_embeddings().weight.dtype)
+            x = torch.cat([self._prompt_inputs().to(x.dtype).expand(items.shape[0], -1, -1), x], dim=1)
+        return x
 
     def forward(self, items: torch.Tensor, output_layers: bool = False) -> RecOutput:
         mask = self._check_items(items)
@@ -129,16 +137,16 @@ class SeqRecommender(nn.Module):
 
     def user_states(self, items: torch.Tensor) -> torch.Tensor:
         """Post-norm states at each row's last item [B, H]: `last_position(forward(items))`,
-        computed with the last layer only there where the backbone allows it
-        (slmrec.last_state), since ranking reads nothing else."""
+        computed where the backbone allows it with the last layer only there, since ranking
+        reads nothing else, and the prompt once for the batch (slmrec.last_state)."""
         # Lazy like every transformers import here: a built model has loaded it already.
         from slmrec.last_state import decoder_last_states, supports_last_only
 
         if not supports_last_only(self.decoder):
             out = self(items)
             return self.last_position(out.hidden, out.mask)
-        index = last_indices(self._check_items(items)) + len(self.prompt_ids)
-        return decoder_last_states(self.decoder, self._decoder_inputs(items), index)
+        index = last_indices(self._check_items(items))
+        return decoder_last_states(self.decoder, self._item_inputs(items), index, self._prompt_inputs())
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Users in item space [B, item_dim], to rank against the item table."""

@@ -71,8 +71,12 @@ def test_bf16_autocast_stays_close():
     assert torch.allclose(fast, full, atol=0.05)
 
 
-def test_gradients_flow_like_the_full_forward():
-    model = make(BackboneConfig(layers=2, **SCRATCH))
+@pytest.mark.parametrize("prompted", [False, True], ids=["scratch", "prompted"])
+def test_gradients_flow_like_the_full_forward(prompted, tmp_path):
+    backbone = (BackboneConfig(name=str(save_tiny_llama(tmp_path / "llm")), layers=2) if prompted
+                else BackboneConfig(layers=2, **SCRATCH))
+    model = make(backbone)
+    assert bool(model.prompt_ids) == prompted
     grads = []
     for states in (lambda: model.user_states(ITEMS), lambda: full_forward_states(model)):
         model.zero_grad()
