@@ -11,9 +11,9 @@ widens the student's inference lead, which is the point of the method.
 
 The instruction prompt is the same tokens at the same positions for every user, and
 attention is causal, so its states and its keys and values at every layer do not depend on
-the user: they are computed once (batch 1) and every user's items attend to them. At
-SmolLM2's shape (14 prompt tokens, 8 layers, 64 users) that cut the time of a batch by 10%
-for 200-item histories and 44% for 20-item ones.
+the user: they are computed once (batch 1) and every user's items attend to them. On
+SmolLM2-135M (14 prompt tokens, 8 layers, 32 users) that cut the time of a batch by 7% for
+200-item histories and 34% for 20-item ones (bench/user_state_paths.py).
 
 Supported: LLaMA-architecture decoders (`LlamaModel`, which SmolLM2 and the scratch
 backbone are, LoRA-injected or merged). `SeqRecommender.user_states` takes the full forward
