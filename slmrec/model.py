@@ -14,7 +14,8 @@ paper's template ends with one): each item position already ends its own prefix,
 marker after the last item would serve only one of the L targets. With right padding the
 prompt, then the valid items, occupy positions 0..P+n-1 with no gaps, so no attention mask
 is needed: causal attention already keeps padding (which comes later) out of every valid
-position.
+position. On LLaMA-architecture backbones the prompt, the same for every user, runs once per
+batch (slmrec.llama_forward).
 
 A student is the same config with fewer backbone layers (fresh weights by default;
 `init_from_teacher` is an option the distillation job measures).
@@ -123,6 +124,21 @@ class SeqRecommender(nn.Module):
         return x
 
     def forward(self, items: torch.Tensor, output_layers: bool = False) -> RecOutput:
+        """Post-norm states at every position (and with `output_layers` every layer's
+        output), the prompt's positions left out."""
+        # Lazy like every transformers import here: a built model has loaded it already.
+        from slmrec.llama_forward import decoder_states, supported
+
+        if not supported(self.decoder):
+            return self.hf_forward(items, output_layers)
+        mask = self._check_items(items)
+        hidden, layers = decoder_states(self.decoder, self._item_inputs(items), self._prompt_inputs(),
+                                        output_layers=output_layers)
+        return RecOutput(hidden=hidden, mask=mask, layers=layers)
+
+    def hf_forward(self, items: torch.Tensor, output_layers: bool = False) -> RecOutput:
+        """`forward` through transformers' own decoder forward, the prompt run for every row:
+        the path for any architecture, and the reference the LLaMA path is tested against."""
         mask = self._check_items(items)
         out = self.decoder(inputs_embeds=self._decoder_inputs(items),
                            output_hidden_states=output_layers, use_cache=False)
@@ -138,15 +154,14 @@ class SeqRecommender(nn.Module):
     def user_states(self, items: torch.Tensor) -> torch.Tensor:
         """Post-norm states at each row's last item [B, H]: `last_position(forward(items))`,
         computed where the backbone allows it with the last layer only there, since ranking
-        reads nothing else, and the prompt once for the batch (slmrec.last_state)."""
-        # Lazy like every transformers import here: a built model has loaded it already.
-        from slmrec.last_state import decoder_last_states, supports_last_only
+        reads nothing else (slmrec.llama_forward)."""
+        from slmrec.llama_forward import decoder_states, supported
 
-        if not supports_last_only(self.decoder):
-            out = self(items)
-            return self.last_position(out.hidden, out.mask)
-        index = last_indices(self._check_items(items))
-        return decoder_last_states(self.decoder, self._item_inputs(items), index, self._prompt_inputs())
+        mask = self._check_items(items)
+        if not supported(self.decoder):
+            return self.last_position(self(items).hidden, mask)
+        return decoder_states(self.decoder, self._item_inputs(items), self._prompt_inputs(),
+                              read_at=last_indices(mask))[0]
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Users in item space [B, item_dim], to rank against the item table."""

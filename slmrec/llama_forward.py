@@ -1,5 +1,13 @@
-"""The user state at each row's last item, with the last decoder layer run only there and
-the shared prompt run once per batch.
+"""A LLaMA decoder's forward for recommendation: the shared prompt run once per batch, and
+for ranking the last layer run only where it is read.
+
+The instruction prompt is the same tokens at the same positions for every user, and
+attention is causal, so its states and its keys and values at every layer do not depend on
+the user: they are computed once (batch 1) and every user's items attend to them. Training
+and inference both take this path. On SmolLM2-135M (14 prompt tokens, 8 layers, 32 users)
+it cut an inference batch by 7% for 200-item histories and 34% for 20-item ones
+(bench/user_state_paths.py). (LoRA dropout, where on, then draws one mask for the prompt per
+batch instead of one per user.)
 
 Ranking reads one position per user (the last item's post-norm state), yet a plain forward
 runs every layer at every position. Each earlier layer must run everywhere (later
@@ -9,17 +17,11 @@ final norm only at the read one. That is most of a layer: at SmolLM2's shape and
 histories it saved 44% of a 2-layer model's time and 7% of an 8-layer one's, so it also
 widens the student's inference lead, which is the point of the method.
 
-The instruction prompt is the same tokens at the same positions for every user, and
-attention is causal, so its states and its keys and values at every layer do not depend on
-the user: they are computed once (batch 1) and every user's items attend to them. On
-SmolLM2-135M (14 prompt tokens, 8 layers, 32 users) that cut the time of a batch by 7% for
-200-item histories and 34% for 20-item ones (bench/user_state_paths.py).
-
 Supported: LLaMA-architecture decoders (`LlamaModel`, which SmolLM2 and the scratch
-backbone are, LoRA-injected or merged). `SeqRecommender.user_states` takes the full forward
-for any other architecture (where the attention may hold extras such as q/k norms or sliding
-windows that this path would not reproduce). Training keeps the full forward: its loss
-reads every position.
+backbone are, LoRA-injected or merged); `SeqRecommender` runs transformers' own forward for
+any other architecture (where the attention may hold extras such as q/k norms or sliding
+windows that this path would not reproduce). The tests hold this path equal to
+transformers' forward, values and gradients.
 """
 from __future__ import annotations
 
@@ -31,14 +33,26 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaMod
 KeysValues = tuple[torch.Tensor, torch.Tensor]
 
 
-def supports_last_only(decoder: nn.Module) -> bool:
-    """True when `decoder_last_states` reproduces `decoder`'s own forward exactly."""
+def supported(decoder: nn.Module) -> bool:
+    """True when `decoder_states` reproduces `decoder`'s own forward exactly."""
     return isinstance(decoder, LlamaModel) and all(
         type(layer) is LlamaDecoderLayer for layer in decoder.layers)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def _keys_values(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 normed: bool = False) -> KeysValues:
+    """`layer`'s keys (rotated) and values [B, kv_heads, L, d] of the positions of `hidden`
+    [B, L, H] (its input, or with `normed` its input after the layer's input norm)."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    x = hidden if normed else layer.input_layernorm(hidden)
+    keys = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    values = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    return _rope(keys, cos.unsqueeze(1), sin.unsqueeze(1)), values
 
 
 def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -52,9 +66,7 @@ def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, si
     batch, length, _ = hidden.shape
     head_dim = attn.head_dim
     normed = layer.input_layernorm(hidden)
-    keys = _rope(attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2),
-                 cos.unsqueeze(1), sin.unsqueeze(1))
-    values = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    keys, values = _keys_values(layer, normed, cos, sin, normed=True)
     positions = torch.arange(length, device=hidden.device)
     if read_at is None:
         residual, query_in = hidden, normed
@@ -70,8 +82,8 @@ def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, si
     keys, values = keys.to(query.dtype), values.to(query.dtype)
     own = (keys, values)
     if past is not None:
-        keys = torch.cat([past[0].expand(batch, -1, -1, -1), keys], dim=2)
-        values = torch.cat([past[1].expand(batch, -1, -1, -1), values], dim=2)
+        keys = torch.cat([past[0].to(keys.dtype).expand(batch, -1, -1, -1), keys], dim=2)
+        values = torch.cat([past[1].to(values.dtype).expand(batch, -1, -1, -1), values], dim=2)
         visible = torch.cat([visible.new_ones(*visible.shape[:-1], past[0].shape[2]), visible], dim=-1)
     groups = attn.num_key_value_groups
     keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
@@ -84,12 +96,18 @@ def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, si
     return (out if read_at is None else out.squeeze(1)), own
 
 
-def decoder_last_states(decoder: LlamaModel, inputs_embeds: torch.Tensor, index: torch.Tensor,
-                        prefix_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """Post-norm decoder states [B, H] at position index[b] of each row of `inputs_embeds`
-    [B, L, H], which follow the prefix shared by every row (`prefix_embeds` [P, H], or
-    none) and attend causally with no padding mask (as SeqRecommender feeds the decoder:
-    padding is at the right, after every position read)."""
+def decoder_states(decoder: LlamaModel, inputs_embeds: torch.Tensor, prefix_embeds: torch.Tensor | None = None,
+                   read_at: torch.Tensor | None = None, output_layers: bool = False
+                   ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Decoder states of the rows of `inputs_embeds` [B, L, H], which follow the prefix
+    shared by every row (`prefix_embeds` [P, H], or none) and attend causally with no
+    padding mask (as SeqRecommender feeds the decoder: padding is at the right, after every
+    position read). Returns the post-norm states at every position [B, L, H], or with
+    `read_at` only at position read_at[b] of each row [B, H]; and with `output_layers` every
+    layer's output at every position (layers 1..k-1 as they leave the layer, layer k
+    post-norm: transformers' `hidden_states[1:]`)."""
+    if read_at is not None and output_layers:
+        raise ValueError("output_layers needs every position; it cannot be combined with read_at")
     layers = decoder.layers[: decoder.config.num_hidden_layers]
     pasts: list[KeysValues | None] = [None] * len(layers)
     start = 0
@@ -98,12 +116,16 @@ def decoder_last_states(decoder: LlamaModel, inputs_embeds: torch.Tensor, index:
         hidden = prefix_embeds.unsqueeze(0)
         positions = torch.arange(start, device=hidden.device).unsqueeze(0)
         cos, sin = decoder.rotary_emb(hidden, position_ids=positions)
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(layers[:-1]):
             hidden, pasts[i] = _layer(layer, hidden, cos, sin, None)
+        pasts[-1] = _keys_values(layers[-1], hidden, cos, sin)
     positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
     cos, sin = decoder.rotary_emb(inputs_embeds, position_ids=positions)
     hidden = inputs_embeds
+    outputs = []
     for layer, past in zip(layers[:-1], pasts[:-1]):
         hidden, _ = _layer(layer, hidden, cos, sin, past)
-    last, _ = _layer(layers[-1], hidden, cos, sin, pasts[-1], read_at=index)
-    return decoder.norm(last)
+        outputs.append(hidden)
+    last, _ = _layer(layers[-1], hidden, cos, sin, pasts[-1], read_at=read_at)
+    last = decoder.norm(last)
+    return last, (outputs + [last] if output_layers else None)
