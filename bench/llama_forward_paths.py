@@ -76,8 +76,8 @@ def training_paths(model: SeqRecommender, optimizer: torch.optim.Optimizer
                    ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], None]]:
     def step(forward):
         def run(items, targets):
-            logits = model.logits(forward(items).hidden)
-            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+            logits = model.item_logits(forward(items).hidden)
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten() - 1).backward()
             optimizer.step()
             optimizer.zero_grad()
         return run

@@ -1,9 +1,12 @@
 """Training losses: next-item cross-entropy, SLMRec's three distillation terms, and an
 optional logit-distillation term that is not part of the paper (off by default).
 
-Conventions: logits have N+1 columns and column 0 (padding) is never a prediction, so it
-is left out of the softmax; targets equal to 0 are padding and are not counted. Hidden
-states are [B, L, H] with a bool mask [B, L] of valid positions (or [B, H] with mask None).
+Conventions: logits score items 1..N, column j = item j+1 (padding, item 0, has no column:
+it is never a prediction; `slmrec.scoring.item_scores`); targets are item ids and those
+equal to 0 are padding and are not counted. Training steps pass the logits of the positions
+that have a target only ([n, N] with targets [n]); [B, L, N] with padded targets [B, L]
+works the same. Hidden states are [B, L, H] with a bool mask [B, L] of valid positions (or
+[B, H] with mask None).
 
 Causal training note: the paper aligns teacher and student at the LAST position of a
 sequence. We train on every prefix in one causal pass, where each valid position is the
@@ -31,14 +34,13 @@ TERM_NAMES = ("total", "ce", "cos", "l2", "ms", "kd")
 def next_item_ce(logits: Tensor, targets: Tensor, ignore_index: int = 0) -> Tensor:
     """Mean cross-entropy over positions whose target is not `ignore_index` (padding).
 
-    logits [B, L, N+1] with targets [B, L], or [B, N+1] with targets [B]. The softmax runs
-    over items 1..N only: the padding column must not absorb probability mass.
+    logits [..., N] over items 1..N with targets [...] (item ids 1..N, or padding).
     """
     if logits.shape[:-1] != targets.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
-            "expected logits [..., N+1] with targets [...]")
-    num_items = logits.shape[-1] - 1
+            "expected logits [..., N] with targets [...]")
+    num_items = logits.shape[-1]
     keep = targets != ignore_index
     if not keep.any():
         raise ValueError("every target is padding; the cross-entropy of an empty batch is undefined")
@@ -47,7 +49,8 @@ def next_item_ce(logits: Tensor, targets: Tensor, ignore_index: int = 0) -> Tens
         raise ValueError(
             f"targets must be items in 1..{num_items} (0 is padding), got values in "
             f"[{int(kept.min())}, {int(kept.max())}]")
-    return F.cross_entropy(logits[keep][:, 1:], kept - 1)
+    # Item i is column i - 1; padding maps to ignore_index - 1, which cross_entropy skips.
+    return F.cross_entropy(logits.reshape(-1, num_items), (targets - 1).reshape(-1), ignore_index=ignore_index - 1)
 
 
 def _check_pair(h_s: Tensor, h_t: Tensor, mask: Tensor | None) -> None:
@@ -102,7 +105,8 @@ def multiple_supervision(aux_logits: Sequence[Tensor], targets: Tensor) -> Tenso
 
 def logit_distillation(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
                        temperature: float = 1.0, ignore_index: int = 0) -> Tensor:
-    """Mean over non-padding targets of T^2 * KL(softmax(t/T) || softmax(s/T)) over items 1..N.
+    """Mean over non-padding targets of T^2 * KL(softmax(t/T) || softmax(s/T)) (logits over
+    items 1..N, as next_item_ce).
 
     Not one of SLMRec's terms: the classic response-based distillation (Hinton et al.),
     which hands the student the teacher's whole ranking instead of one target item. The
@@ -117,8 +121,10 @@ def logit_distillation(student_logits: Tensor, teacher_logits: Tensor, targets: 
     keep = targets != ignore_index
     if not keep.any():
         raise ValueError("every target is padding; the distillation mean is undefined")
-    s = F.log_softmax(student_logits[keep][:, 1:].float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.detach()[keep][:, 1:].float() / temperature, dim=-1)
+    if not keep.all():  # a training step passes kept positions only: no copy needed then
+        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
+    s = F.log_softmax(student_logits.float().reshape(-1, student_logits.shape[-1]) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1]) / temperature, dim=-1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from slmrec.backbones import BackboneConfig, apply_finetuning, decoder_from_config, load_backbone, merge_lora
 from slmrec.checkpoint import load_checkpoint, save_checkpoint
 from slmrec.config import field
-from slmrec.scoring import score_items
+from slmrec.scoring import item_scores, score_items
 
 PROMPT = "Given the user's interaction history, predict the next item. History:"
 CHECKPOINT_FORMAT = "slmrec.SeqRecommender/1"
@@ -190,10 +190,14 @@ class SeqRecommender(nn.Module):
         """Scores over all items [..., N+1], column 0 (padding) = -inf."""
         return score_items(self.project(h), self.item_table)
 
-    def aux_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
-        """Scores from multiple-supervision head `i` (same layout as `logits`)."""
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores of items 1..N [..., N] (column j = item j+1): the training losses' layout."""
+        return item_scores(self.project(h), self.item_table)
+
+    def aux_item_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """Scores from multiple-supervision head `i` (same layout as `item_logits`)."""
         head = self.aux_heads[i]
-        return score_items(head(h.to(head.weight.dtype)), self.item_table)
+        return item_scores(head(h.to(head.weight.dtype)), self.item_table)
 
     @staticmethod
     def last_position(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from slmrec.evaluation import EvalProtocol, ranks_from_vectors
 from slmrec.losses import next_item_ce
 from slmrec.metrics import MetricSums
 from slmrec.model import SeqRecommender
-from slmrec.scoring import score_items
+from slmrec.scoring import item_scores
 
 # Names the final norm goes by in Hugging Face decoders (LLaMA/Qwen/Mistral, Phi, GPT-2).
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f")
@@ -167,7 +167,7 @@ def probe_layers(model: SeqRecommender, train_batches: Iterable[Mapping[str, Any
             # One backward per layer: the readouts are independent, and holding every
             # layer's [positions, items] logits at once would multiply peak memory by depth.
             for readout, state, history in zip(readouts, states, recent):
-                loss = next_item_ce(score_items(readout(state), table), targets)
+                loss = next_item_ce(item_scores(readout(state), table), targets)
                 loss.backward()
                 history[:] = (history + [loss.item()])[-_TRAIN_CE_WINDOW:]
             optimizer.step()

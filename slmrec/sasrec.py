@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmrec.checkpoint import load_checkpoint, save_checkpoint
-from slmrec.scoring import score_items
+from slmrec.scoring import item_scores, score_items
 
 CHECKPOINT_FORMAT = "slmrec.SASRec/1"
 
@@ -90,9 +90,15 @@ class SASRec(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., N+1] against the item embedding, column 0 = -inf."""
-        if self.cosine_temperature:
-            h = F.normalize(h, dim=-1) / self.cosine_temperature
-        return score_items(h, self._output_table())
+        return score_items(self._output_states(h), self._output_table())
+
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., dim] -> [..., N] scores of items 1..N (column j = item j+1): the training
+        losses' layout."""
+        return item_scores(self._output_states(h), self._output_table())
+
+    def _output_states(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(h, dim=-1) / self.cosine_temperature if self.cosine_temperature else h
 
     def item_table(self) -> torch.Tensor:
         """The item rows the logits score against [N+1, dim] (unit rows under cosine

@@ -26,6 +26,12 @@ def next_item_terms(logits: torch.Tensor, targets: torch.Tensor) -> LossTerms:
     return distillation_loss(logits, [], [], [], targets, None, CE_ONLY)
 
 
+def with_target(targets: torch.Tensor) -> torch.Tensor:
+    """Positions [B, L] whose target is an item (not padding): the only ones scored against
+    the item table, so no [B, L, N] logits are spent on padding."""
+    return targets != 0
+
+
 class Task(Protocol):
     model: nn.Module
 
@@ -45,8 +51,9 @@ class SASRecTask:
     model: SASRec
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
-        hidden = self.model(batch["items"])
-        return next_item_terms(self.model.logits(hidden), batch["targets"])
+        hidden, targets = self.model(batch["items"]), batch["targets"]
+        keep = with_target(targets)
+        return next_item_terms(self.model.item_logits(hidden[keep]), targets[keep])
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         hidden = self.model(items)
@@ -66,8 +73,9 @@ class NextItemTask:
     model: SeqRecommender
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
-        out = self.model(batch["items"])
-        return next_item_terms(self.model.logits(out.hidden), batch["targets"])
+        out, targets = self.model(batch["items"]), batch["targets"]
+        keep = with_target(targets)
+        return next_item_terms(self.model.item_logits(out.hidden[keep]), targets[keep])
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         return self.model.user_vectors(items)
@@ -101,6 +109,7 @@ class DistillTask(NextItemTask):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         items, targets = batch["items"], batch["targets"]
+        keep = with_target(targets)
         needs_blocks = self.weights.needs_teacher_blocks
         teacher_blocks: list[torch.Tensor] = []
         teacher_logits = None
@@ -108,7 +117,7 @@ class DistillTask(NextItemTask):
             with torch.no_grad():
                 t_out = self.teacher(items, output_layers=needs_blocks)
                 if self.weights.kd > 0:
-                    teacher_logits = self.teacher.logits(t_out.hidden)
+                    teacher_logits = self.teacher.item_logits(t_out.hidden[keep])
             if needs_blocks:
                 teacher_blocks = [t_out.layers[t - 1] for t, _ in self.pairs]
         s_out = self.model(items, output_layers=True)
@@ -116,9 +125,9 @@ class DistillTask(NextItemTask):
         aux_logits = []
         if self.weights.ms > 0:
             # Heads on every student block but the last, which the main score head covers.
-            aux_logits = [self.model.aux_logits(h, i) for i, h in enumerate(student_blocks[:-1])]
+            aux_logits = [self.model.aux_item_logits(h[keep], i) for i, h in enumerate(student_blocks[:-1])]
         return distillation_loss(
-            student_logits=self.model.logits(s_out.hidden), aux_logits=aux_logits,
+            student_logits=self.model.item_logits(s_out.hidden[keep]), aux_logits=aux_logits,
             student_blocks=student_blocks if needs_blocks else [],
-            teacher_blocks=teacher_blocks, targets=targets, mask=s_out.mask, weights=self.weights,
+            teacher_blocks=teacher_blocks, targets=targets[keep], mask=s_out.mask, weights=self.weights,
             teacher_logits=teacher_logits)

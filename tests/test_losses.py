@@ -18,12 +18,11 @@ from slmrec.losses import (
 )
 
 LN3 = math.log(3.0)
-# Softmax over items 1..2 only (column 0 is padding and left out):
+# Logits over items 1..2 (column j = item j+1; padding has no column):
 #   logits (0, ln3) -> p = (1/4, 3/4): CE(target 2) = -ln(3/4) = 0.2876820725, CE(target 1) = ln 4 = 1.3862943611
 CE_T2 = 0.2876820725
 CE_T1 = 1.3862943611
-# Column 0 holds 5.0: if it took part in the softmax every value above would change.
-LOGITS = torch.tensor([[[5.0, 0.0, LN3], [5.0, 0.0, LN3], [7.0, 9.0, -9.0]]])  # [B=1, L=3, N+1=3]
+LOGITS = torch.tensor([[[0.0, LN3], [0.0, LN3], [9.0, -9.0]]])  # [B=1, L=3, N=2]
 TARGETS = torch.tensor([[2, 1, 0]])  # last position is padding
 MASK = TARGETS != 0
 
@@ -39,8 +38,10 @@ def test_next_item_ce_hand_computed():
     assert next_item_ce(LOGITS[0, 0], torch.tensor(2)) == pytest.approx(CE_T2, abs=1e-6)
     # [B, L] form: mean over the two non-padding positions = (0.28768 + 1.38629) / 2
     assert next_item_ce(LOGITS, TARGETS) == pytest.approx((CE_T2 + CE_T1) / 2, abs=1e-6)
-    # [B, N+1] form
+    # [B, N] form
     assert next_item_ce(LOGITS[:, 1], torch.tensor([1])) == pytest.approx(CE_T1, abs=1e-6)
+    # the kept positions alone (as a training step passes them) give the same mean
+    assert next_item_ce(LOGITS[MASK], TARGETS[MASK]) == pytest.approx((CE_T2 + CE_T1) / 2, abs=1e-6)
 
 
 def test_next_item_ce_errors():
@@ -81,7 +82,7 @@ def test_alignment_input_errors():
 
 def test_multiple_supervision_sums_heads():
     # head 1: logits (0, ln3), target 2 -> 0.2876821; head 2: (ln3, 0), target 2 -> ln 4
-    heads = [torch.tensor([[0.0, 0.0, LN3]]), torch.tensor([[0.0, LN3, 0.0]])]
+    heads = [torch.tensor([[0.0, LN3]]), torch.tensor([[LN3, 0.0]])]
     assert multiple_supervision(heads, torch.tensor([2])) == pytest.approx(CE_T2 + CE_T1, abs=1e-6)
     assert multiple_supervision([], torch.tensor([2])) == 0.0
 
@@ -159,13 +160,13 @@ def test_distillation_input_errors():
     with pytest.raises(ValueError, match="kd_temperature must be > 0"):
         DistillWeights(kd=1.0, kd_temperature=0.0)
     with pytest.raises(ValueError, match="differ in shape"):
-        logit_distillation(LOGITS, LOGITS[..., :2], TARGETS)
+        logit_distillation(LOGITS, LOGITS[..., :1], TARGETS)
 
 
 # Teacher logits over items 1..2: position 1 (ln3, 0) -> p_t = (3/4, 1/4) against the student's
-# (1/4, 3/4); position 2 equals the student's (KL 0); position 3 is padding. Column 0 differs
-# from the student's: it must not count.
-TEACHER_LOGITS = torch.tensor([[[-4.0, LN3, 0.0], [2.0, 0.0, LN3], [0.0, -9.0, 9.0]]])
+# (1/4, 3/4); position 2 equals the student's (KL 0); position 3 is padding, where they
+# differ: it must not count.
+TEACHER_LOGITS = torch.tensor([[[LN3, 0.0], [0.0, LN3], [-9.0, 9.0]]])
 
 
 def test_logit_distillation_hand_computed():
@@ -176,6 +177,9 @@ def test_logit_distillation_hand_computed():
     assert logit_distillation(LOGITS, TEACHER_LOGITS, TARGETS, temperature=2.0).item() == pytest.approx(
         0.2943722, abs=1e-6)
     assert logit_distillation(TEACHER_LOGITS, TEACHER_LOGITS, TARGETS).item() == pytest.approx(0.0, abs=1e-7)
+    # the kept positions alone give the same mean
+    assert logit_distillation(LOGITS[MASK], TEACHER_LOGITS[MASK], TARGETS[MASK]).item() == pytest.approx(
+        0.2746531, abs=1e-6)
 
 
 def test_logit_distillation_in_the_total_reaches_only_the_student():

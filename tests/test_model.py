@@ -44,6 +44,8 @@ def test_shapes_and_mask(model):
     assert logits.shape == (2, 6, NUM_ITEMS + 1)
     assert model.project(out.hidden).shape == (2, 6, ITEM_DIM)
     assert torch.allclose(logits[..., 1:], model.project(out.hidden) @ model.item_table[1:].T)
+    # the training layout: the same scores without the padding column
+    assert torch.allclose(model.item_logits(out.hidden), logits[..., 1:])
 
 
 def test_padding_column_never_wins(model):
@@ -66,11 +68,10 @@ def test_aux_heads_score_against_the_item_table():
         backbone=BackboneConfig(layers=2, hidden=16, heads=2)), item_table())
     h = torch.randn(3, 16)
     for i in range(2):
-        logits = model.aux_logits(h, i)
-        assert logits.shape == (3, NUM_ITEMS + 1)
-        assert torch.isneginf(logits[:, 0]).all()
-        assert torch.allclose(logits[:, 1:], model.aux_heads[i](h) @ model.item_table[1:].T)
-    assert not torch.allclose(model.aux_logits(h, 0), model.aux_logits(h, 1))
+        logits = model.aux_item_logits(h, i)
+        assert logits.shape == (3, NUM_ITEMS)  # items 1..N, the training losses' layout
+        assert torch.allclose(logits, model.aux_heads[i](h) @ model.item_table[1:].T)
+    assert not torch.allclose(model.aux_item_logits(h, 0), model.aux_item_logits(h, 1))
 
 
 def test_output_layers_contract(model):

@@ -26,6 +26,7 @@ def test_shapes_padding_zero_and_logits():
     assert logits.shape == (2, 5, N + 1)
     assert torch.isneginf(logits[..., 0]).all() and (logits.argmax(-1) != 0).all()
     assert torch.allclose(logits[..., 1:], h @ model.item_emb.weight[1:].T)
+    assert torch.allclose(model.item_logits(h), logits[..., 1:])  # the training layout
 
 
 def test_item_table():
@@ -45,6 +46,7 @@ def test_cosine_logits_and_table_by_hand():
     # cos with (1, 0) = 0.6, with (1, 1)/sqrt(2) = 1.4/sqrt(2); both / 0.5
     expected = torch.tensor([[float("-inf"), 1.2, 2.8 / 2 ** 0.5]])
     assert torch.allclose(model.logits(h), expected)
+    assert torch.allclose(model.item_logits(h), expected[:, 1:])
     table = model.item_table()
     assert torch.allclose(table, torch.tensor([[0.0, 0.0], [1.0, 0.0], [2 ** -0.5, 2 ** -0.5]]))
     # Ranking the raw state against the exported table orders items as the logits do.
