@@ -54,3 +54,15 @@ def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp
     spec = make_spec(config, config.output, train_rows=64)
     with pytest.raises(ValueError, match="leaving none for Ray Data"):
         fit(config, spec, build_task=None, task_args={}, datasets={}, run_name="refused")
+
+
+def test_zero_stage_3_is_refused_with_the_reason(tmp_path):
+    # Run on a tiny teacher job it failed in stage 0 and then hung at the first validation;
+    # until that works a clear error beats a hang.
+    config = TeacherConfig(data="d", output=str(tmp_path / "t"), batch_size=4,
+                           deepspeed_config="cluster/deepspeed/zero3_offload.json")
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported yet.*zero2.json"):
+        make_spec(config, config.output, train_rows=64)
+    assert make_spec(TeacherConfig(data="d", output=str(tmp_path / "t"), batch_size=4,
+                                   deepspeed_config="cluster/deepspeed/zero2.json"),
+                     str(tmp_path / "t"), train_rows=64).ds_config["zero_optimization"]["stage"] == 2
