@@ -68,10 +68,14 @@ def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, si
     normed = layer.input_layernorm(hidden)
     keys, values = _keys_values(layer, normed, cos, sin, normed=True)
     positions = torch.arange(length, device=hidden.device)
+    # Plain causal attention (no prefix, every query) needs no mask tensor: the faster kernel.
+    plain = past is None and read_at is None
+    visible = None
     if read_at is None:
         residual, query_in = hidden, normed
         query_cos, query_sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        visible = (positions[None, :] <= positions[:, None])[None, None]  # [1, 1, L, L]
+        if not plain:
+            visible = (positions[None, :] <= positions[:, None])[None, None]  # [1, 1, L, L]
     else:
         rows = torch.arange(batch, device=hidden.device)
         residual, query_in = hidden[rows, read_at].unsqueeze(1), normed[rows, read_at].unsqueeze(1)
@@ -87,10 +91,8 @@ def _layer(layer: LlamaDecoderLayer, hidden: torch.Tensor, cos: torch.Tensor, si
         visible = torch.cat([visible.new_ones(*visible.shape[:-1], past[0].shape[2]), visible], dim=-1)
     groups = attn.num_key_value_groups
     keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-    # Plain causal attention (no prefix, every query) needs no mask tensor: the faster kernel.
-    plain = past is None and read_at is None
-    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=None if plain else visible,
-                                              is_causal=plain, scale=attn.scaling)
+    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, is_causal=plain,
+                                              scale=attn.scaling)
     state = residual + attn.o_proj(attended.transpose(1, 2).reshape(batch, query_in.shape[1], -1))
     out = state + layer.mlp(layer.post_attention_layernorm(state))
     return (out if read_at is None else out.squeeze(1)), own
@@ -122,10 +124,11 @@ def decoder_states(decoder: LlamaModel, inputs_embeds: torch.Tensor, prefix_embe
     positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
     cos, sin = decoder.rotary_emb(inputs_embeds, position_ids=positions)
     hidden = inputs_embeds
-    outputs = []
+    outputs = [] if output_layers else None  # kept only when asked: ranking needs none of them
     for layer, past in zip(layers[:-1], pasts[:-1]):
         hidden, _ = _layer(layer, hidden, cos, sin, past)
-        outputs.append(hidden)
+        if outputs is not None:
+            outputs.append(hidden)
     last, _ = _layer(layers[-1], hidden, cos, sin, pasts[-1], read_at=read_at)
     last = decoder.norm(last)
-    return last, (outputs + [last] if output_layers else None)
+    return last, (outputs + [last] if outputs is not None else None)

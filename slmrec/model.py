@@ -157,11 +157,11 @@ class SeqRecommender(nn.Module):
         reads nothing else (slmrec.llama_forward)."""
         from slmrec.llama_forward import decoder_states, supported
 
-        mask = self._check_items(items)
         if not supported(self.decoder):
-            return self.last_position(self(items).hidden, mask)
+            out = self(items)
+            return self.last_position(out.hidden, out.mask)
         return decoder_states(self.decoder, self._item_inputs(items), self._prompt_inputs(),
-                              read_at=last_indices(mask))[0]
+                              read_at=last_indices(self._check_items(items)))[0]
 
     def user_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Users in item space [B, item_dim], to rank against the item table."""

