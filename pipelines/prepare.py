@@ -7,7 +7,8 @@ Rules, in order (each row that does not reach the output is counted under one of
  3. iterative k-core: users with < min_user and items with < min_item interactions are
     removed until none is left (the result is the unique largest such subset, so it
     does not depend on the order of removals);
- 4. each user's items are ordered by (timestamp, item_id);
+ 4. each user's items are ordered by timestamp, same-timestamp items by a hash of
+    (user_id, item_id) (--tie-order; see prepare_kernels.order_within_user);
  5. the most recent max_len + 2 per user are kept (the last two are the validation and
     test targets), the older ones counted as truncated;
  6. items get indices 1..N (0 is padding) by descending k-core count, ties by item_id,
@@ -39,7 +40,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -79,6 +80,10 @@ class PrepareConfig:
     task_threads: int = field(1, help="CPUs (DuckDB threads) per partition task")
     scratch_dir: str | None = field(None, help="where intermediate partitions go; default: inside "
                                                "the temporary output directory")
+    tie_order: Literal["hash", "item_id"] = field(
+        "hash", help="order of one user's items with the same timestamp: hash = pseudo-random "
+                     "per user (md5 of user and item id); item_id = by item id, which leaks "
+                     "(a fixed order of co-rated items is learnable)")
     overwrite: bool = field(False, help="replace an existing output directory")
 
     def __post_init__(self) -> None:
@@ -86,6 +91,8 @@ class PrepareConfig:
                      "rows_per_partition", "read_batch_rows", "task_memory_mb", "task_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.tie_order not in kernels.TIE_ORDERS:
+            raise ValueError(f"--tie-order must be one of {kernels.TIE_ORDERS}, got {self.tie_order!r}")
         if self.num_partitions < 0:
             raise ValueError(f"--num-partitions must be >= 0, got {self.num_partitions}")
 
@@ -207,7 +214,7 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     results = ray.get([build.remote(base[p], vocab_ref, config.min_user_interactions,
                                     config.max_len + 2,
                                     str(tmp / SEQUENCES_DIR / f"part-{p:05d}.parquet"),
-                                    schema.user_type, settings) for p in live])
+                                    schema.user_type, settings, config.tie_order) for p in live])
     timings["sequences_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
@@ -226,6 +233,7 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
         "partitions": num_parts,
         "input_files": len(schema.files),
         "item_index_order": ITEM_INDEX_ORDER,
+        "tie_order": config.tie_order,
         "kept_per_user": config.max_len + 2,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "config": asdict(config),

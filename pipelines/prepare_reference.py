@@ -14,6 +14,7 @@ from typing import Any
 import duckdb
 
 from pipelines.logs import REJECT_REASONS, ColumnNames
+from pipelines.prepare_kernels import order_within_user
 from pipelines.prepared import ITEM_INDEX_ORDER
 
 
@@ -23,7 +24,8 @@ def _q(name: str) -> str:
 
 def prepare_with_duckdb(files: list[str], output: str | Path, names: ColumnNames,
                         min_user: int, min_item: int, max_len: int,
-                        min_rating: float | None = None, threads: int | None = None) -> dict[str, Any]:
+                        min_rating: float | None = None, threads: int | None = None,
+                        tie_order: str = "hash") -> dict[str, Any]:
     """Same rules and output layout as pipelines/prepare.py; returns the same counts."""
     out = Path(output)
     (out / "sequences").mkdir(parents=True, exist_ok=True)
@@ -64,9 +66,10 @@ def prepare_with_duckdb(files: list[str], output: str | Path, names: ColumnNames
     con.execute(f"COPY (SELECT * FROM vocab ORDER BY item_index) TO '{out}/items/part-00000.parquet' "
                 "(FORMAT parquet)")
     keep_last = int(max_len) + 2
+    order = order_within_user(tie_order, "c")
     con.execute(
-        f"COPY (SELECT user_id, list(v.item_index ORDER BY c.timestamp, c.item_id)[-{keep_last}:] "
-        f"AS item_index, list(c.timestamp ORDER BY c.timestamp, c.item_id)[-{keep_last}:] "
+        f"COPY (SELECT user_id, list(v.item_index ORDER BY {order})[-{keep_last}:] "
+        f"AS item_index, list(c.timestamp ORDER BY {order})[-{keep_last}:] "
         f"AS timestamp FROM cur c JOIN vocab v USING (item_id) GROUP BY user_id ORDER BY user_id) "
         f"TO '{out}/sequences/part-00000.parquet' (FORMAT parquet)")
     users, items, interactions = con.execute(

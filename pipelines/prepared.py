@@ -3,7 +3,8 @@
 A prepared directory holds:
   sequences/*.parquet  one row per user: user_id (original value and type),
                        item_index list<int32> (1..N, 0 is padding) and
-                       timestamp list<int64>, both in (timestamp, item_id) order;
+                       timestamp list<int64>, both in timestamp order (same-time
+                       items by stats.json's tie_order);
                        the last two items are the validation and test targets.
   items/*.parquet      item_id (original), item_index int32, count int64.
   stats.json           row accounting and settings (see pipelines/prepare.py).

@@ -8,7 +8,7 @@ something to learn beyond popularity:
    draw: a first-order Markov chain that a next-item model can learn and popularity cannot;
  - user lengths vary (1 + a gamma-weighted multinomial share), so k-core filtering bites;
  - timestamps increase per user with exponential gaps and some exact ties (gap 0), so the
-   (timestamp, item_id) tie-break matters; the Markov chain may revisit an item, which
+   tie order (prepare --tie-order) matters; the Markov chain may revisit an item, which
    makes duplicate (user, item) pairs; ratings are 1-5;
  - rows are shuffled within a shard, as in a real log.
 Generation is per shard of `rows_per_shard` rows with its own seed ([seed, shard]), so memory

@@ -3,6 +3,7 @@ functions, the DuckDB partition kernels, the k-core loop, the vocabulary and the
 identity. The whole pipeline through Ray is in test_prepare_e2e.py."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -168,15 +169,21 @@ def test_kcore_matches_the_plain_delete_loop(tmp_path):
     assert stats["filtered_out"] == 4 and stats["users"] == 2 and stats["items"] == 2
 
 
-# ---- rules 4-6: order by (timestamp, item_id), keep the last max_len + 2, item index ----
+# ---- rules 4-6: order by timestamp (ties: --tie-order), keep the last max_len + 2, item index ----
 
-def test_sequences_order_ties_by_item_id_and_keep_the_most_recent(tmp_path):
-    # User "u": items 30 and 10 share timestamp 5 -> 10 before 30; keep_last = 3 cuts
-    # the oldest (item 20 at time 1). User "v" has one row and is below min_user = 2.
+def tie_base(tmp_path):
+    # User "u": items 30 and 10 share timestamp 5; keep_last = 3 cuts the oldest (item 20
+    # at time 1). User "v" has one row and is below min_user = 2.
     base = write(tmp_path / "base.parquet", user_id=pa.array(["u", "u", "u", "u", "v"]),
                  item_id=ints(30, 10, 20, 40, 10), timestamp=ints(5, 5, 1, 9, 3))
     vocab = pa.table({"item_id": ints(10, 20, 30, 40), "item_index": pa.array([1, 2, 3, 4], pa.int32())})
-    counts = kernels.sequences(base, vocab, 2, 3, str(tmp_path / "seq.parquet"), pa.string(), SETTINGS)
+    return base, vocab
+
+
+def test_sequences_order_ties_by_item_id_and_keep_the_most_recent(tmp_path):
+    base, vocab = tie_base(tmp_path)
+    counts = kernels.sequences(base, vocab, 2, 3, str(tmp_path / "seq.parquet"), pa.string(), SETTINGS,
+                               tie_order="item_id")
     assert counts == kernels.SequenceCounts(users=1, interactions=3, kcore_rows=4)
     got = pq.read_table(tmp_path / "seq.parquet")
     assert got.to_pylist() == [{"user_id": "u", "item_index": [1, 3, 4], "timestamp": [5, 5, 9]}]
@@ -186,6 +193,45 @@ def test_sequences_order_ties_by_item_id_and_keep_the_most_recent(tmp_path):
     none = kernels.sequences(base, vocab, 9, 3, str(tmp_path / "empty.parquet"), pa.string(), SETTINGS)
     assert none == kernels.SequenceCounts(users=0, interactions=0, kcore_rows=0)
     assert pq.read_table(tmp_path / "empty.parquet").schema == got.schema
+
+
+def md5_key(user: str, item: int) -> str:
+    return hashlib.md5(f"{user}\x1f{item}".encode()).hexdigest()
+
+
+def test_hash_tie_order_is_md5_of_user_and_item(tmp_path):
+    base, vocab = tie_base(tmp_path)
+    kernels.sequences(base, vocab, 2, 3, str(tmp_path / "seq.parquet"), pa.string(), SETTINGS)
+    tied = sorted([10, 30], key=lambda item: md5_key("u", item))
+    index = {10: 1, 30: 3}
+    assert pq.read_table(tmp_path / "seq.parquet").to_pylist() == [
+        {"user_id": "u", "item_index": [index[tied[0]], index[tied[1]], 4], "timestamp": [5, 5, 9]}]
+
+
+def test_hash_tie_order_differs_between_users_so_no_item_order_is_learnable(tmp_path):
+    # 40 users rate items 1 and 2 in the same second. Under item_id every user has 1 -> 2,
+    # the fixed pair order a model can learn; the per-user hash gives both orders.
+    users = [f"user{k}" for k in range(40)]
+    base = write(tmp_path / "base.parquet", user_id=pa.array([u for u in users for _ in (1, 2)]),
+                 item_id=ints(*[i for _ in users for i in (1, 2)]), timestamp=ints(*[7] * 80))
+    vocab = pa.table({"item_id": ints(1, 2), "item_index": pa.array([1, 2], pa.int32())})
+    orders = {}
+    for tie_order in kernels.TIE_ORDERS:
+        kernels.sequences(base, vocab, 2, 2, str(tmp_path / f"{tie_order}.parquet"), pa.string(),
+                          SETTINGS, tie_order=tie_order)
+        rows = pq.read_table(tmp_path / f"{tie_order}.parquet").to_pylist()
+        orders[tie_order] = {r["user_id"]: r["item_index"] for r in rows}
+    assert set(map(tuple, orders["item_id"].values())) == {(1, 2)}
+    expected = {u: sorted([1, 2], key=lambda item: md5_key(u, item)) for u in users}
+    assert orders["hash"] == expected
+    assert {tuple(v) for v in expected.values()} == {(1, 2), (2, 1)}
+
+
+def test_unknown_tie_order_is_refused():
+    with pytest.raises(ValueError, match="--tie-order must be one of"):
+        PrepareConfig(input="x", output="y", tie_order="title")
+    with pytest.raises(ValueError, match="tie order must be one of"):
+        kernels.order_within_user("random")
 
 
 def test_item_vocabulary_is_count_descending_then_id_and_starts_at_one():
