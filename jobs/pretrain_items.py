@@ -95,7 +95,7 @@ def run(config: PretrainItemsConfig) -> Path:
                  "cosine_temperature": config.cosine_temperature}
     fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
     table_dir = export_item_table(output, splits.num_items)
-    write_training_report(output, "Stage 0: SASRec item table", mask_history=config.mask_history,
+    write_training_report(output, "Stage 0: SASRec item table",
                           sampled_negatives=config.sampled_negatives)
     print(f"[items] item table -> {table_dir}; report -> {output / 'REPORT.md'}", flush=True)
     return output

@@ -101,7 +101,7 @@ def run(config: TeacherConfig) -> Path:
     counts = SeqRecommender.load(output / "best").parameter_counts()
     write_training_report(output, f"Stage 1: teacher ({config.backbone.name}, {config.backbone.layers} layers)",
                           extra={"parameters": counts, "item_table": item_table},
-                          mask_history=config.mask_history, sampled_negatives=config.sampled_negatives)
+                          sampled_negatives=config.sampled_negatives)
     print(f"[teacher] model -> {output / 'best'}; report -> {output / 'REPORT.md'}", flush=True)
     return output
 

@@ -44,13 +44,16 @@ class EvalProtocol:
         if self.kind == "sampled":
             return (f"sampled: target + {self.num_negatives} uniform negatives outside the user's history, "
                     f"seed {self.seed}")
-        return "full ranking over all items, " + ("history items excluded" if self.mask_history
+        return "full ranking over all items, " + ("the history items the model reads excluded (as "
+                                                  "generative-recommenders evaluates)" if self.mask_history
                                                   else "history items not masked")
 
 
-def reported_protocols(mask_history: bool, num_negatives: int, seed: int) -> list[EvalProtocol]:
-    """The two protocols every final test is scored and reported under: full ranking, then sampled."""
-    return [EvalProtocol("full", mask_history=mask_history),
+def reported_protocols(num_negatives: int, seed: int) -> list[EvalProtocol]:
+    """The protocols every final test is scored and reported under: full ranking with the
+    history competing and with it excluded (the two conventions papers report under, and
+    on ML-1M they differ by ~1.5x), then sampled. One forward pass serves all three."""
+    return [EvalProtocol("full"), EvalProtocol("full", mask_history=True),
             EvalProtocol("sampled", num_negatives=num_negatives, seed=seed)]
 
 

@@ -69,8 +69,10 @@ def test_teacher_two_workers_lowers_loss_and_reports(teacher_run):
     assert metrics["deepspeed"]["zero_optimization"]["stage"] == 2
     assert metrics["deepspeed"]["train_batch_size"] == 8 * 2  # micro x workers
     final = metrics["final"]
-    for protocol in ("test_full", "test_sampled999"):
+    for protocol in ("test_full", "test_full_masked", "test_sampled999"):
         assert 0.0 <= final[f"{protocol}/NDCG@10"] <= 1.0
+    # Excluding the history only removes competitors of the target.
+    assert final["test_full_masked/NDCG@10"] >= final["test_full/NDCG@10"]
     # The saved best model is the one that scored best on validation.
     assert final["best_epoch"] == 1 + max(range(3), key=lambda i: history[i]["valid/NDCG@10"])
     for name in ("REPORT.md", "report.json", "training_curve.png"):
@@ -118,7 +120,7 @@ def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
     assert set(report["parameters"]) == {"teacher", "student"}
     assert report["parameters"]["student"]["total"] < report["parameters"]["teacher"]["total"]
     assert {(r["model"], r["protocol"]) for r in report["metrics"]} == {
-        (m, p) for m in ("teacher", "student") for p in ("full", "sampled999")}
+        (m, p) for m in ("teacher", "student") for p in ("full", "full_masked", "sampled999")}
     assert [r["batch_size"] for r in report["inference"]["student"]] == [1, 32, 256]
     assert [r["layer"] for r in next(iter(report["probe"].values()))] == [1, 2, 3, 4]
     assert report["epoch_seconds"]["student"] and report["epoch_seconds"]["teacher"]

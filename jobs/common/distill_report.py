@@ -126,7 +126,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
 
     _plot_steps(student_metrics.get("steps", []), output / "loss_terms.png")
     plot_curves(student_metrics["history"], output / "training_curve.png", "student")
-    protocols = protocol_descriptions(config.mask_history, config.sampled_negatives, config.seed)
+    protocols = protocol_descriptions(config.sampled_negatives, config.seed)
     weights = {**loss_weights(config), "blocks": config.blocks, "student_init": config.student_init,
                "student_finetuning": config.student_finetuning}
     report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,

@@ -53,8 +53,9 @@ class TrainFlags:
     train_on_valid: bool = field(False, help="also train on each user's validation item, holding out only the "
                                              "test item as the generative-recommenders protocol does; nothing is "
                                              "left to validate on, so the last epoch is kept and tested")
-    mask_history: bool = field(False, help="exclude each user's history items from full ranking "
-                                           "(the generative-recommenders protocol does not)")
+    mask_history: bool = field(False, help="validate (pick the best epoch) with each user's history items "
+                                           "excluded from full ranking, as generative-recommenders' evaluation "
+                                           "does; the final test reports both ways")
     sampled_negatives: int = field(999, help="negatives of the sampled protocol (target + N uniform non-history)")
     log_every: int = field(20, help="progress line every N steps")
     fail_after_steps: int = field(0, help="fault injection for resume tests: raise after N optimiser steps "

@@ -41,9 +41,9 @@ def metrics_by_protocol(final: dict[str, float], prefix: str = "test_") -> list[
     return list(rows.values())
 
 
-def protocol_descriptions(mask_history: bool, sampled_negatives: int, seed: int) -> dict[str, str]:
-    """{label: description} of the two protocols every report states next to its numbers."""
-    return {p.label: p.description for p in reported_protocols(mask_history, sampled_negatives, seed)}
+def protocol_descriptions(sampled_negatives: int, seed: int) -> dict[str, str]:
+    """{label: description} of the protocols every report states next to its numbers."""
+    return {p.label: p.description for p in reported_protocols(sampled_negatives, seed)}
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -75,12 +75,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def write_training_report(output_dir: str | Path, title: str, extra: dict[str, Any] | None = None,
-                          mask_history: bool = False, sampled_negatives: int = 999) -> dict[str, Any]:
+                          sampled_negatives: int = 999) -> dict[str, Any]:
     """REPORT.md + report.json + training_curve.png from OUTPUT/metrics.json."""
     out = Path(output_dir)
     metrics = read_metrics(out)
     final, history = metrics["final"], metrics["history"]
-    protocols = protocol_descriptions(mask_history, sampled_negatives, metrics["spec"]["seed"])
+    protocols = protocol_descriptions(sampled_negatives, metrics["spec"]["seed"])
     report = {"title": title, "final": final, "protocols": protocols, "history": history, **(extra or {})}
     atomic_write_json(out / "report.json", report)
     plot_curves(history, out / "training_curve.png", title)

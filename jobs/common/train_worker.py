@@ -306,7 +306,7 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
     under every protocol."""
     with _full_params(engine, zero, modify=True):
         engine.module.load_state_dict(best_weights, strict=False)
-    protocols = reported_protocols(spec.mask_history, spec.sampled_negatives, spec.seed)
+    protocols = reported_protocols(spec.sampled_negatives, spec.seed)
     results = {f"test_{protocol.label}/{k}": v
                for protocol, metrics in zip(protocols, _evaluate(task, "test", spec, protocols, rank, world))
                for k, v in metrics.items()}
