@@ -26,14 +26,13 @@ import dataclasses
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from slmrec.backbones import BackboneConfig, merge_lora
-from slmrec.checkpoint import atomic_write_json, atomic_write_text
+from bench.outputs import write_outputs
 from slmrec.config import field, parse_config
 from slmrec.llama_forward import decoder_states, supported
 from slmrec.model import RecommenderConfig, SeqRecommender, build_recommender, last_indices
@@ -158,15 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     start_load = os.getloadavg()[0]
     rows = measure(cfg)
-    table = markdown(cfg, rows, (start_load, os.getloadavg()[0]))
-    print(table)
-    if cfg.output:
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "llama_forward_paths.json", {"config": dataclasses.asdict(cfg), "rows": rows,
-                                                             "torch": torch.__version__})
-        atomic_write_text(out / "llama_forward_paths.md", table)
-        print(f"wrote {out / 'llama_forward_paths.json'} and {out / 'llama_forward_paths.md'}")
+    write_outputs(cfg.output, "llama_forward_paths",
+                  {"config": dataclasses.asdict(cfg), "rows": rows, "torch": torch.__version__},
+                  markdown(cfg, rows, (start_load, os.getloadavg()[0])))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import torch
 
 from pipelines.prepared import SEQUENCES_DIR
 from slmrec.batching import to_arrays
-from slmrec.checkpoint import atomic_write_json, atomic_write_text, load_meta
+from bench.outputs import write_outputs
+from slmrec.checkpoint import load_meta
 from slmrec.config import field, parse_config
 from slmrec.metrics import MetricSums, full_ranking_ranks
 from slmrec.model import SeqRecommender
@@ -81,14 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit("--mask-len and --batch-size must be >= 1")
     torch.set_num_threads(cfg.threads)
     rows = [rescore(directory, cfg) for directory in cfg.model]
-    table = markdown(cfg, rows)
-    print(table)
-    if cfg.output:
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "rescore_protocols.json", {"config": dataclasses.asdict(cfg), "rows": rows})
-        atomic_write_text(out / "rescore_protocols.md", table)
-        print(f"wrote {out / 'rescore_protocols.json'} and {out / 'rescore_protocols.md'}")
+    write_outputs(cfg.output, "rescore_protocols", {"config": dataclasses.asdict(cfg), "rows": rows},
+                  markdown(cfg, rows))
     return rows
 
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines.prepared import SEQUENCES_DIR, num_items, read_stats
-from slmrec.checkpoint import atomic_write_json, atomic_write_text
+from bench.outputs import write_outputs
 from slmrec.config import field, parse_config
 from slmrec.metrics import MetricSums, ranks_from_scores
 from slmrec.transitions import TransitionCounts, last_item_and_target
@@ -83,14 +83,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit("--batch-size must be >= 1")
     torch.set_num_threads(1)
     rows = [measure(path, cfg) for path in cfg.data]
-    table = markdown(cfg, rows)
-    print(table)
-    if cfg.output:
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "tie_order_leak.json", {"config": dataclasses.asdict(cfg), "rows": rows})
-        atomic_write_text(out / "tie_order_leak.md", table)
-        print(f"wrote {out / 'tie_order_leak.json'} and {out / 'tie_order_leak.md'}")
+    write_outputs(cfg.output, "tie_order_leak", {"config": dataclasses.asdict(cfg), "rows": rows},
+                  markdown(cfg, rows))
     return rows
 
 

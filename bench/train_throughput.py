@@ -22,13 +22,12 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 import dataclasses
 import os
 import statistics
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from slmrec.backbones import BackboneConfig
-from slmrec.checkpoint import atomic_write_json, atomic_write_text
+from bench.outputs import write_outputs
 from slmrec.config import field, parse_config
 from slmrec.model import RecommenderConfig, SeqRecommender, build_recommender
 from slmrec.speed import measure_inference, measure_training
@@ -142,18 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     # Other processes share the CPUs here; the load average says how far to trust absolute numbers.
     load = os.getloadavg()
     rows = measure(cfg)
-    table = markdown(cfg, rows, load)
-    print(table)
-    if cfg.output:
-        out = Path(cfg.output)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "throughput.json", {"config": dataclasses.asdict(cfg), "rows": rows,
-                                                    "torch": torch.__version__,
-                                                    "threads": torch.get_num_threads(),
-                                                    "load_average_start": load[0],
-                                                    "load_average_end": os.getloadavg()[0]})
-        atomic_write_text(out / "throughput.md", table)
-        print(f"wrote {out / 'throughput.json'} and {out / 'throughput.md'}")
+    write_outputs(cfg.output, "throughput",
+                  {"config": dataclasses.asdict(cfg), "rows": rows, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "load_average_start": load[0],
+                   "load_average_end": os.getloadavg()[0]},
+                  markdown(cfg, rows, load))
 
 
 if __name__ == "__main__":
