@@ -184,6 +184,7 @@ def test_sweep_stops_bad_trial_and_hands_over_winner(ray_session, prepared, teac
     assert (out / "pareto.png").stat().st_size > 0
 
     winner = json.loads((out / "winner.json").read_text())
+    assert winner["test_full_masked/NDCG@10"] >= winner["test_full/NDCG@10"]
     from jobs.common.tune_report import candidates
 
     assert winner["trial_id"] == choose_winner(candidates(rows)).trial_id
@@ -208,7 +209,8 @@ def _fake_trial(trials: Path, trial_id: str, depth: int, valid: list[float], tea
                                            "epochs": 2, "latency_ms": 2.0, "latency_batch": 4, "params_total": 1})
     atomic_write_json(out / "history.json", [{"epoch": i + 1, "valid/NDCG@10": v} for i, v in enumerate(valid)])
     if finished:
-        atomic_write_json(out / "metrics.json", {"final": {"test_full/NDCG@10": 0.5}, "history": []})
+        atomic_write_json(out / "metrics.json", {"final": {"test_full/NDCG@10": 0.5, "test_full_masked/NDCG@10": 0.7},
+                                                 "history": []})
     return out
 
 
@@ -231,7 +233,9 @@ def test_outputs_from_trial_files_and_no_feasible_winner(teacher, tmp_path):
     assert not (out / "winner.json").exists() and (out / "pareto.png").is_file()
 
     write_outputs(_config(tmp_path, teacher, out, latency_batch=4), out, "sweep", rows, None, {})
-    assert json.loads((out / "winner.json").read_text())["trial_id"] == "a"
+    winner = json.loads((out / "winner.json").read_text())
+    assert winner["trial_id"] == "a"
+    assert (winner["test_full/NDCG@10"], winner["test_full_masked/NDCG@10"]) == (0.5, 0.7)
     with pytest.raises(SystemExit, match="no winner: interrupted"):
         write_outputs(config, out, "sweep", rows, "interrupted", {})
     assert not (out / "winner.json").exists()

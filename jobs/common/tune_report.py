@@ -18,7 +18,11 @@ from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_writ
 
 COLUMNS = ["trial_id", "status", "student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight",
            "epochs_run", "best_epoch", "valid_NDCG@10", "latency_ms", "trial_latency_ms", "params_total", "test_full/NDCG@10",
-           "pareto", "winner", "checkpoint"]
+           "test_full_masked/NDCG@10", "pareto", "winner", "checkpoint"]
+
+# Test metrics carried into the table and winner.json: full ranking with the history
+# competing and excluded (slmrec.evaluation.reported_protocols).
+TEST_KEYS = ("test_full/NDCG@10", "test_full_masked/NDCG@10")
 
 
 def _read_json(path: Path) -> Any:
@@ -44,7 +48,7 @@ def trial_row(trial_dir: Path, error: Optional[str], ended: bool) -> dict[str, A
         "latency_ms": math.nan, "latency_ms_p99": math.nan,  # filled by add_driver_latency
         "trial_latency_ms": info.get("latency_ms", math.nan), "latency_batch": info.get("latency_batch"),
         "params_total": info.get("params_total"),
-        "test_full/NDCG@10": (metrics or {}).get("final", {}).get("test_full/NDCG@10", math.nan),
+        **{key: (metrics or {}).get("final", {}).get(key, math.nan) for key in TEST_KEYS},
         "checkpoint": str(checkpoint) if (checkpoint / "meta.json").is_file() else None,
         "error": error,
     }
@@ -137,7 +141,7 @@ def write_winner(output: Path, row: dict[str, Any], rule: str, data: str, extra:
         "config": {k: row.get(k) for k in ("student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight")},
         "valid_NDCG@10": row["valid_NDCG@10"], "latency_ms": row["latency_ms"], "latency_batch": row["latency_batch"],
         "trial_latency_ms": row["trial_latency_ms"],
-        "test_full/NDCG@10": row["test_full/NDCG@10"], "status": row["status"], **extra})
+        **{key: row[key] for key in TEST_KEYS}, "status": row["status"], **extra})
     atomic_write_text(output / "serve.yaml", yaml.safe_dump({"model": [f"winner={row['checkpoint']}"], "data": data}))
 
 
