@@ -31,7 +31,7 @@ def order_within_user(tie_order: str, alias: str = "") -> str:
       53% of consecutive ratings share a second, the same pair of items then always comes
       in the same order, and a model learns "what is rated after X in the same second";
       first-order transition counts score test NDCG@10 0.1175 with item_id (titles) against
-      0.0852 with this order (runs/ties in the README);
+      0.0853 with this order (bench/tie_order_leak.py; README, "Two corrections");
     - "item_id": by item id (the order of our runs before 2026-11-30)."""
     if tie_order not in TIE_ORDERS:
         raise ValueError(f"tie order must be one of {TIE_ORDERS}, got {tie_order!r}")
