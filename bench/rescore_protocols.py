@@ -47,10 +47,9 @@ def load_task(directory: str) -> Task:
     return NextItemTask(SeqRecommender.load(directory).eval())
 
 
-def rescore(directory: str, cfg: BenchConfig) -> dict[str, Any]:
+def rescore(directory: str, sequences: list[list[int]], cfg: BenchConfig) -> dict[str, Any]:
     task = load_task(directory)
     max_len = task.model.max_len if isinstance(task.model, SASRec) else task.model.config.max_len
-    sequences = pq.read_table(Path(cfg.data) / SEQUENCES_DIR, columns=["item_index"])["item_index"].to_pylist()
     sums = {"full": MetricSums(), "full_masked": MetricSums()}
     with torch.no_grad():
         table = task.item_table().float()
@@ -81,7 +80,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if cfg.mask_len < 1 or cfg.batch_size < 1:
         raise SystemExit("--mask-len and --batch-size must be >= 1")
     torch.set_num_threads(cfg.threads)
-    rows = [rescore(directory, cfg) for directory in cfg.model]
+    sequences = pq.read_table(Path(cfg.data) / SEQUENCES_DIR, columns=["item_index"])["item_index"].to_pylist()
+    rows = [rescore(directory, sequences, cfg) for directory in cfg.model]
     write_outputs(cfg.output, "rescore_protocols", {"config": dataclasses.asdict(cfg), "rows": rows},
                   markdown(cfg, rows))
     return rows

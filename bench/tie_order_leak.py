@@ -27,6 +27,7 @@ import torch
 
 from pipelines.prepared import SEQUENCES_DIR, num_items, read_stats
 from bench.outputs import write_outputs
+from slmrec.batching import train_pair
 from slmrec.config import field, parse_config
 from slmrec.metrics import MetricSums, ranks_from_scores
 from slmrec.transitions import TransitionCounts, last_item_and_target
@@ -46,13 +47,12 @@ class BenchConfig:
 def measure(path: str, cfg: BenchConfig) -> dict[str, Any]:
     table = pq.read_table(Path(path) / SEQUENCES_DIR, columns=["item_index", "timestamp"])
     sequences = [np.asarray(s, dtype=np.int64) for s in table["item_index"].to_pylist()]
-    # Consecutive pairs inside each user's training part that share a timestamp.
-    held_out = 1 if cfg.train_on_valid else 2
+    # The training pairs the transitions are counted on (slmrec.batching's split), by timestamp.
     same = total = 0
     for ts in table["timestamp"].to_pylist():
-        train = np.asarray(ts[:-held_out])
-        same += int((train[1:] == train[:-1]).sum())
-        total += max(len(train) - 1, 0)
+        before, after = train_pair(np.asarray(ts), len(ts), cfg.train_on_valid)
+        same += int((before == after).sum())
+        total += len(before)
     fit = TransitionCounts.fit(sequences, num_items(path), cfg.train_on_valid)
     last, targets = last_item_and_target(sequences)
     sums = MetricSums()

@@ -16,13 +16,12 @@ from jobs.common.tune_trial import TRIAL_FILE
 from jobs.common.winner import Candidate
 from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_write_text
 
-COLUMNS = ["trial_id", "status", "student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight",
-           "epochs_run", "best_epoch", "valid_NDCG@10", "latency_ms", "trial_latency_ms", "params_total", "test_full/NDCG@10",
-           "test_full_masked/NDCG@10", "pareto", "winner", "checkpoint"]
-
 # Test metrics carried into the table and winner.json: full ranking with the history
 # competing and excluded (slmrec.evaluation.reported_protocols).
 TEST_KEYS = ("test_full/NDCG@10", "test_full_masked/NDCG@10")
+COLUMNS = ["trial_id", "status", "student_layers", "blocks", "lr", "cos_weight", "l2_weight", "ms_weight",
+           "epochs_run", "best_epoch", "valid_NDCG@10", "latency_ms", "trial_latency_ms", "params_total", *TEST_KEYS,
+           "pareto", "winner", "checkpoint"]
 
 
 def _read_json(path: Path) -> Any:
