@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from jobs.common.data import in_validation_subset, load_splits
 from jobs.common.trainer import fit, make_spec
@@ -66,3 +67,18 @@ def test_zero_stage_3_is_refused_with_the_reason(tmp_path):
     assert make_spec(TeacherConfig(data="d", output=str(tmp_path / "t"), batch_size=4,
                                    deepspeed_config="cluster/deepspeed/zero2.json"),
                      str(tmp_path / "t"), train_rows=64).ds_config["zero_optimization"]["stage"] == 2
+
+
+def test_best_weights_are_a_snapshot_not_the_live_parameters():
+    # Kept for the final test while training goes on: on CPU they once aliased the
+    # parameters, so every run tested its last epoch whatever validation chose.
+    from jobs.common.train_worker import _trainable_state
+
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    snapshot = _trainable_state(model)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert set(snapshot) == {"weight"}
+    assert torch.equal(snapshot["weight"], before)

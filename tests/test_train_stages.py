@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
+
+from bench.rescore_protocols import BenchConfig as RescoreConfig, rescore
 
 from jobs.distill import DistillConfig, run as run_distill
 from jobs.pretrain_items import PretrainItemsConfig, load_item_table, run as run_items
 from jobs.train_teacher import TeacherConfig, run as run_teacher
+from pipelines.prepared import SEQUENCES_DIR
 from slmrec.backbones import BackboneConfig
 from slmrec.checkpoint import save_checkpoint
 from slmrec.model import SeqRecommender
@@ -61,7 +65,7 @@ def teacher_run(ray_session, tiny_prepared, tmp_path_factory):
     return out
 
 
-def test_teacher_two_workers_lowers_loss_and_reports(teacher_run):
+def test_teacher_two_workers_lowers_loss_and_reports(teacher_run, tiny_prepared):
     metrics = json.loads((teacher_run / "metrics.json").read_text())
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -79,6 +83,10 @@ def test_teacher_two_workers_lowers_loss_and_reports(teacher_run):
         assert (teacher_run / name).is_file(), name
     model = SeqRecommender.load(teacher_run / "best")
     assert model.depth == 4
+    # ...and the one tested: re-scoring it outside Ray gives the reported test metrics.
+    sequences = pq.read_table(tiny_prepared / SEQUENCES_DIR, columns=["item_index"])["item_index"].to_pylist()
+    rescored = rescore(str(teacher_run / "best"), sequences, RescoreConfig(model=(), data=str(tiny_prepared)))
+    assert rescored["full/NDCG@10"] == pytest.approx(final["test_full/NDCG@10"], abs=1e-5)
     # The item table stayed frozen through DeepSpeed training.
     assert torch.equal(model.item_table, load_item_table(teacher_run.parent / "items", 30))
 

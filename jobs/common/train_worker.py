@@ -136,8 +136,10 @@ def _full_params(engine, zero: int, modify: bool = False):
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trained weights: on CPU `.cpu()` returns the parameter itself, which
+    the optimizer goes on updating in place (and ZeRO-3 frees after a gather)."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n in trainable}
+    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in trainable}
 
 
 def _save_resume_checkpoint(directory: str, engine, optimizer, state: dict[str, Any],
