@@ -85,7 +85,9 @@ class SASRec(nn.Module):
         return self.final_norm(x) * keep
 
     def _output_table(self) -> torch.Tensor:
-        table = self.item_emb.weight
+        # Looked up through the embedding's forward rather than read off `.weight`: ZeRO-3
+        # only gathers a partitioned weight while its own module runs.
+        table = self.item_emb(torch.arange(self.num_items + 1, device=self.pos_emb.weight.device))
         return F.normalize(table, dim=-1) if self.cosine_temperature else table
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

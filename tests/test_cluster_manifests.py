@@ -170,7 +170,7 @@ def test_deepspeed_configs_name_their_zero_stage():
     from jobs.common.deepspeed_engine import load_ds_config, zero_stage
 
     stages = {p.name: zero_stage(load_ds_config(p)) for p in sorted((CLUSTER / "deepspeed").glob("*.json"))}
-    assert stages == {"zero0.json": 0, "zero2.json": 2, "zero3_offload.json": 3}
+    assert stages == {"zero0.json": 0, "zero2.json": 2, "zero3.json": 3, "zero3_offload.json": 3}
     offload = load_ds_config(CLUSTER / "deepspeed" / "zero3_offload.json")["zero_optimization"]
     assert offload["offload_param"]["device"] == offload["offload_optimizer"]["device"] == "cpu"
 

@@ -57,18 +57,6 @@ def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp
         fit(config, spec, build_task=None, task_args={}, datasets={}, run_name="refused")
 
 
-def test_zero_stage_3_is_refused_with_the_reason(tmp_path):
-    # Run on a tiny teacher job it failed in stage 0 and then hung at the first validation;
-    # until that works a clear error beats a hang.
-    config = TeacherConfig(data="d", output=str(tmp_path / "t"), batch_size=4,
-                           deepspeed_config="cluster/deepspeed/zero3_offload.json")
-    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported yet.*zero2.json"):
-        make_spec(config, config.output, train_rows=64)
-    assert make_spec(TeacherConfig(data="d", output=str(tmp_path / "t"), batch_size=4,
-                                   deepspeed_config="cluster/deepspeed/zero2.json"),
-                     str(tmp_path / "t"), train_rows=64).ds_config["zero_optimization"]["stage"] == 2
-
-
 def test_best_weights_are_a_snapshot_not_the_live_parameters():
     # Kept for the final test while training goes on: on CPU they once aliased the
     # parameters, so every run tested its last epoch whatever validation chose.
@@ -82,3 +70,19 @@ def test_best_weights_are_a_snapshot_not_the_live_parameters():
         model.weight.add_(1.0)
     assert set(snapshot) == {"weight"}
     assert torch.equal(snapshot["weight"], before)
+
+
+@pytest.mark.parametrize("batches,world,taken,short", [
+    (5, 2, [3, 2], [0, 1]),
+    (4, 2, [2, 2], [0, 0]),
+    (1, 3, [1, 0, 0], [0, 1, 1]),
+    (0, 2, [0, 0], [0, 0]),
+])
+def test_evaluation_share_says_how_many_forwards_a_rank_is_short(batches, world, taken, short):
+    from jobs.common.train_worker import _Share
+
+    for rank in range(world):
+        share = _Share(({"i": i} for i in range(batches)), rank, world)
+        got = [b["i"] for b in share]
+        assert got == list(range(rank, batches, world)) and len(got) == taken[rank]
+        assert share.short_by() == short[rank]

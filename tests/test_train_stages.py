@@ -53,15 +53,17 @@ def test_stage0_exports_the_table_it_scored_against(ray_session, tiny_prepared, 
     assert torch.allclose(table[1:].norm(dim=1), torch.ones(30), atol=1e-5)
 
 
+def _two_worker_teacher(data: Path, out: Path, table: Path, zero: int) -> TeacherConfig:
+    return TeacherConfig(data=str(data), output=str(out), epochs=3, num_workers=2,
+                         deepspeed_config=f"cluster/deepspeed/zero{zero}.json", item_table=str(table),
+                         backbone=BackboneConfig(layers=4, hidden=16, heads=2), **TINY)
+
+
 @pytest.fixture(scope="module")
 def teacher_run(ray_session, tiny_prepared, tmp_path_factory):
     """A 4-layer scratch teacher trained by two DeepSpeed (ZeRO-2) workers."""
     out = tmp_path_factory.mktemp("teacher") / "run"
-    table = _item_table(out.parent / "items", 30)
-    config = TeacherConfig(data=str(tiny_prepared), output=str(out), epochs=3, num_workers=2,
-                           deepspeed_config="cluster/deepspeed/zero2.json", item_table=str(table),
-                           backbone=BackboneConfig(layers=4, hidden=16, heads=2), **TINY)
-    run_teacher(config)
+    run_teacher(_two_worker_teacher(tiny_prepared, out, _item_table(out.parent / "items", 30), zero=2))
     return out
 
 
@@ -89,6 +91,34 @@ def test_teacher_two_workers_lowers_loss_and_reports(teacher_run, tiny_prepared)
     assert rescored["full/NDCG@10"] == pytest.approx(final["test_full/NDCG@10"], abs=1e-5)
     # The item table stayed frozen through DeepSpeed training.
     assert torch.equal(model.item_table, load_item_table(teacher_run.parent / "items", 30))
+
+
+def test_zero3_trains_the_same_teacher_as_zero2(teacher_run, tiny_prepared, tmp_path):
+    # ZeRO-3 partitions the weights themselves and gathers them per module, collectively:
+    # every worker must run as many forwards (evaluation is split by batches) and join
+    # every gather (checkpoints are written by rank 0 alone). Same seed, same data: the
+    # same numbers as ZeRO-2.
+    out = tmp_path / "run"
+    run_teacher(_two_worker_teacher(tiny_prepared, out, teacher_run.parent / "items", zero=3))
+    zero3, zero2 = (json.loads((d / "metrics.json").read_text()) for d in (out, teacher_run))
+    assert zero3["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert [h["train/total"] for h in zero3["history"]] == pytest.approx(
+        [h["train/total"] for h in zero2["history"]], rel=1e-4)
+    assert zero3["final"] == pytest.approx(zero2["final"], abs=1e-4)
+    best3, best2 = SeqRecommender.load(out / "best"), SeqRecommender.load(teacher_run / "best")
+    for (name, w3), (_, w2) in zip(best3.state_dict().items(), best2.state_dict().items()):
+        assert torch.allclose(w3, w2, atol=1e-4), name
+
+
+def test_stage0_trains_under_zero3_with_two_workers(ray_session, tiny_prepared, tmp_path):
+    # SASRec scores against its own embedding table, which ZeRO-3 partitions.
+    out = tmp_path / "items"
+    run_items(PretrainItemsConfig(data=str(tiny_prepared), output=str(out), epochs=1, num_workers=2,
+                                  deepspeed_config="cluster/deepspeed/zero3.json", **TINY))
+    final = json.loads((out / "metrics.json").read_text())["final"]
+    assert 0 < final["test_full/NDCG@10"] <= final["test_full_masked/NDCG@10"]
+    table = load_item_table(out, 30)
+    assert table.shape == (31, 16) and table[1:].abs().sum() > 0 and torch.equal(table[0], torch.zeros(16))
 
 
 def test_teacher_resumes_after_failure(ray_session, tiny_prepared, tmp_path):

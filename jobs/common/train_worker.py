@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -105,19 +105,41 @@ class _AutocastRanker:
         return self.task.item_table()
 
 
+class _Share:
+    """Every world-th batch of a stream that every rank reads whole, starting at `rank`."""
+
+    def __init__(self, batches: Iterable[dict[str, torch.Tensor]], rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+        self.seen, self.taken, self.last = 0, 0, None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i, batch in enumerate(self.batches):
+            self.seen, self.last = i + 1, batch
+            if i % self.world == self.rank:
+                self.taken += 1
+                yield batch
+
+    def short_by(self) -> int:
+        """Batches fewer than rank 0 took (0 or 1), once the stream is exhausted."""
+        return -(-self.seen // self.world) - self.taken
+
+
 def _evaluate(task: Task, split: str, spec: TrainSpec, protocols: list[EvalProtocol], rank: int,
               world: int) -> list[dict[str, float]]:
     """Metrics of every protocol on one split, from a single forward pass per batch."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(split)
-    strided = (b for i, b in enumerate(shard.iter_torch_batches(batch_size=spec.eval_batch, dtypes=torch.long,
-                                                                device=_device()))
-               if i % world == rank)
+    share = _Share(shard.iter_torch_batches(batch_size=spec.eval_batch, dtypes=torch.long, device=_device()),
+                   rank, world)
+    ranker = _AutocastRanker(task, spec)
     task.model.eval()
     with torch.no_grad():
-        per_protocol = evaluate_batches(_AutocastRanker(task, spec), length_buckets(strided, spec.length_window),
-                                        protocols)
+        per_protocol = evaluate_batches(ranker, length_buckets(share, spec.length_window), protocols)
+        # ZeRO-3 gathers each module's weights collectively as it runs, so every rank must
+        # run as many forwards as the busiest one; the extra one's vectors are not counted.
+        for _ in range(share.short_by()):
+            ranker.user_vectors(share.last["items"])
     task.model.train()
     return [MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor())).result() for sums in per_protocol]
 
@@ -142,10 +164,9 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in trainable}
 
 
-def _save_resume_checkpoint(directory: str, engine, optimizer, state: dict[str, Any],
+def _save_resume_checkpoint(directory: str, weights: dict[str, torch.Tensor], optimizer, state: dict[str, Any],
                             best_weights: dict[str, torch.Tensor], zero: int) -> None:
-    with _full_params(engine, zero):
-        tensors = {f"model.{k}": v for k, v in _trainable_state(engine.module).items()}
+    tensors = {f"model.{k}": v for k, v in weights.items()}
     tensors.update({f"best.{k}": v for k, v in best_weights.items()})
     meta: dict[str, Any] = {"state": state, "optimizer": None}
     if zero == 0:
@@ -183,10 +204,13 @@ def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
     if checkpoint_state is None:
         ray.train.report(metrics)
         return
+    # Gathering ZeRO-3's partitioned weights is collective: every rank joins, rank 0 writes.
+    with _full_params(engine, zero):
+        weights = _trainable_state(engine.module)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            _save_resume_checkpoint(os.path.join(tmp, "ckpt"), engine, optimizer, checkpoint_state,
+            _save_resume_checkpoint(os.path.join(tmp, "ckpt"), weights, optimizer, checkpoint_state,
                                     best_weights, zero)
             checkpoint = ray.train.Checkpoint.from_directory(os.path.join(tmp, "ckpt"))
         ray.train.report(metrics, checkpoint=checkpoint)

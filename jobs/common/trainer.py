@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config, zero_stage
+from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config
 from jobs.common.flags import TrainFlags
 from jobs.common.train_worker import TrainSpec, train_loop
 
@@ -20,13 +20,6 @@ def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: 
                          f"batch of --batch-size {flags.batch_size}; lower it or add data")
     ds_config = resolve_ds_config(load_ds_config(flags.deepspeed_config), flags.batch_size, flags.grad_accum,
                                   flags.num_workers, flags.use_gpu)
-    if zero_stage(ds_config) >= 3:
-        # Found by running it: SASRec reads its tied output table outside a module's forward
-        # (empty under ZeRO-3), and each worker evaluates its own share of the users while
-        # ZeRO-3 gathers weights collectively per module, so the first validation hangs.
-        raise ValueError(f"{flags.deepspeed_config}: ZeRO stage 3 is not supported yet (the run would fail in "
-                         "stage 0 and hang at its first evaluation); use ZeRO-2 "
-                         "(cluster/deepspeed/zero2.json), which partitions gradients and optimizer state")
     spec = TrainSpec(
         output_dir=str(Path(output_dir).resolve()), epochs=flags.epochs, lr=flags.lr,
         weight_decay=flags.weight_decay, warmup_steps=flags.warmup_steps, micro_batch=flags.batch_size,
