@@ -60,11 +60,11 @@ def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp
 def test_best_weights_are_a_snapshot_not_the_live_parameters():
     # Kept for the final test while training goes on: on CPU they once aliased the
     # parameters, so every run tested its last epoch whatever validation chose.
-    from jobs.common.train_worker import _trainable_state
+    from jobs.common.train_checkpoint import trainable_state
 
     model = torch.nn.Linear(2, 2)
     model.bias.requires_grad_(False)
-    snapshot = _trainable_state(model)
+    snapshot = trainable_state(model)
     before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -98,7 +98,7 @@ def _fake_zero_engine(sizes):
 
 
 def test_zero_optimizer_partitions_round_trip_and_refuse_another_layout(tmp_path):
-    from jobs.common.train_worker import _restore_zero_shard, _save_zero_shard
+    from jobs.common.train_checkpoint import restore_zero_shard, save_zero_shard
 
     saved = _fake_zero_engine([3, 2])
     p0, p1 = saved.optimizer.single_partition_of_fp32_groups
@@ -106,17 +106,17 @@ def test_zero_optimizer_partitions_round_trip_and_refuse_another_layout(tmp_path
                                            "exp_avg_sq": torch.ones(3)}
     saved.optimizer.optimizer.state[p1] = {"step": torch.tensor(7.0), "exp_avg": torch.tensor([5.0, 6.0]),
                                            "exp_avg_sq": torch.full((2,), 2.0)}
-    _save_zero_shard(str(tmp_path), saved, zero=2, rank=1, world=2)
+    save_zero_shard(str(tmp_path), saved, zero=2, rank=1, world=2)
 
     restored = _fake_zero_engine([3, 2])
-    assert _restore_zero_shard(str(tmp_path), restored, zero=2, rank=1, world=2) is None
+    assert restore_zero_shard(str(tmp_path), restored, zero=2, rank=1, world=2) is None
     q0, q1 = restored.optimizer.single_partition_of_fp32_groups
     state = restored.optimizer.optimizer.state
     assert torch.equal(state[q0]["exp_avg"], torch.arange(3.0)) and float(state[q1]["step"]) == 7.0
     assert torch.equal(state[q1]["exp_avg_sq"], torch.full((2,), 2.0))
 
-    assert "no optimizer partition" in _restore_zero_shard(str(tmp_path), _fake_zero_engine([3, 2]), 2, 0, 2)
-    assert "saved by 2 workers under ZeRO-2, this run has 4 under ZeRO-2" in _restore_zero_shard(
+    assert "no optimizer partition" in restore_zero_shard(str(tmp_path), _fake_zero_engine([3, 2]), 2, 0, 2)
+    assert "saved by 2 workers under ZeRO-2, this run has 4 under ZeRO-2" in restore_zero_shard(
         str(tmp_path), _fake_zero_engine([3, 2]), 2, 1, 4)
-    assert "hold [3, 2] weights, this worker's [4, 1]" in _restore_zero_shard(
+    assert "hold [3, 2] weights, this worker's [4, 1]" in restore_zero_shard(
         str(tmp_path), _fake_zero_engine([4, 1]), 2, 1, 2)

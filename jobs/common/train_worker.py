@@ -12,11 +12,8 @@ all-reduced, so each user counts exactly once whatever the number of workers.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,9 +22,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from jobs.common.progress import Progress
+from jobs.common.train_checkpoint import full_params, report, restore, trainable_state
 from slmrec.bucketing import length_buckets
-from slmrec.checkpoint import (atomic_write_json, load_checkpoint, optimizer_state_from_tensors,
-                               optimizer_state_to_tensors, save_checkpoint)
+from slmrec.checkpoint import atomic_write_json
 from slmrec.evaluation import EvalProtocol, evaluate_batches, reported_protocols
 from slmrec.metrics import MetricSums
 from slmrec.precision import bf16_autocast_warning
@@ -144,137 +141,6 @@ def _evaluate(task: Task, split: str, spec: TrainSpec, protocols: list[EvalProto
     return [MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor())).result() for sums in per_protocol]
 
 
-@contextlib.contextmanager
-def _full_params(engine, zero: int, modify: bool = False):
-    """Under ZeRO-3 parameters are partitioned across workers; gather them for reading
-    (or writing, with `modify`) whole tensors. A no-op for lower stages."""
-    if zero < 3:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0 if modify else None):
-        yield
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the trained weights: on CPU `.cpu()` returns the parameter itself, which
-    the optimizer goes on updating in place (and ZeRO-3 frees after a gather)."""
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in trainable}
-
-
-def _save_resume_checkpoint(directory: str, weights: dict[str, torch.Tensor], optimizer, state: dict[str, Any],
-                            best_weights: dict[str, torch.Tensor], zero: int) -> None:
-    tensors = {f"model.{k}": v for k, v in weights.items()}
-    tensors.update({f"best.{k}": v for k, v in best_weights.items()})
-    meta: dict[str, Any] = {"state": state, "optimizer": None}
-    if zero == 0:
-        # The client AdamW holds the full moments; higher stages shard them (_save_zero_shard).
-        opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
-        tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
-        meta["optimizer"] = opt_meta
-    save_checkpoint(directory, tensors, meta)
-
-
-def _zero_shard_dir(directory: str, rank: int) -> Path:
-    return Path(directory) / f"zero-rank{rank}"
-
-
-def _master_partitions(engine) -> list[torch.Tensor]:
-    """The fp32 slices of the weights this rank's ZeRO optimizer steps (its AdamW state is
-    keyed by them; DeepSpeed swaps them in and out of the AdamW's param groups, so the
-    AdamW's own state_dict cannot name them)."""
-    opt = engine.optimizer
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
-        if hasattr(opt, name):
-            return list(getattr(opt, name))
-    raise RuntimeError(f"DeepSpeed optimizer {type(opt).__name__}: no fp32 partitions found to checkpoint")
-
-
-def _save_zero_shard(directory: str, engine, zero: int, rank: int, world: int) -> None:
-    """This rank's AdamW moments under ZeRO >= 1. Ray Train merges every rank's checkpoint
-    directory into one, so each rank writes its own subdirectory."""
-    state = engine.optimizer.optimizer.state
-    partitions = _master_partitions(engine)
-    tensors = {f"{i}.{k}": (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else torch.tensor(v))
-               for i, p in enumerate(partitions) for k, v in state.get(p, {}).items()}
-    save_checkpoint(_zero_shard_dir(directory, rank), tensors,
-                    {"world_size": world, "zero_stage": zero, "partition_sizes": [p.numel() for p in partitions]})
-
-
-def _restore_zero_shard(directory: str, engine, zero: int, rank: int, world: int) -> str | None:
-    """Load this rank's AdamW moments; returns why not when they cannot be used."""
-    shard = _zero_shard_dir(directory, rank)
-    if not shard.is_dir():
-        return "the checkpoint has no optimizer partition for this worker"
-    tensors, meta = load_checkpoint(shard)
-    partitions = _master_partitions(engine)
-    if (meta["world_size"], meta["zero_stage"]) != (world, zero):
-        return (f"its optimizer partitions were saved by {meta['world_size']} workers under "
-                f"ZeRO-{meta['zero_stage']}, this run has {world} under ZeRO-{zero}")
-    sizes = [p.numel() for p in partitions]
-    if meta["partition_sizes"] != sizes:
-        return f"its optimizer partitions hold {meta['partition_sizes']} weights, this worker's {sizes}"
-    state = engine.optimizer.optimizer.state
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        partition = partitions[int(i)]
-        # AdamW keeps its step count on the CPU whatever the weights' device.
-        state[partition][name] = value if value.dim() == 0 else value.to(partition.device)
-    return None
-
-
-def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _restore(directory: str, engine, optimizer, zero: int, rank: int,
-             world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load weights, optimizer moments and loop state; returns (state, best weights)."""
-    tensors, meta = load_checkpoint(directory)
-    model_state = _with_prefix(tensors, "model.")
-    with _full_params(engine, zero, modify=True):
-        missing = set(_trainable_state(engine.module)) - set(model_state)
-        if missing:
-            raise ValueError(f"checkpoint {directory} lacks trained weights {sorted(missing)[:5]}")
-        engine.module.load_state_dict(model_state, strict=False)
-    if zero == 0:
-        if meta.get("optimizer") is not None:
-            optimizer.load_state_dict(optimizer_state_from_tensors(_with_prefix(tensors, "optim."),
-                                                                   meta["optimizer"]))
-        return meta["state"], _with_prefix(tensors, "best.")
-    # ZeRO >= 1 steps a master copy of the weights held by its optimizer, not the module's:
-    # left stale, the first step would put the freshly initialised weights back.
-    engine.optimizer.refresh_fp32_params()
-    why_not = _restore_zero_shard(directory, engine, zero, rank, world)
-    if why_not:
-        log.warning(f"[train] worker {rank}: AdamW moments restart from zero: {why_not}")
-    return meta["state"], _with_prefix(tensors, "best.")
-
-
-def _report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
-            best_weights: dict[str, torch.Tensor], engine, optimizer, zero: int, rank: int, world: int) -> None:
-    """Report metrics; with a state, also a resumable checkpoint: rank 0 writes the weights
-    and loop state, and under ZeRO >= 1 every rank its optimizer partition."""
-    import ray.train
-
-    if checkpoint_state is None:
-        ray.train.report(metrics)
-        return
-    # Gathering ZeRO-3's partitioned weights is collective: every rank joins.
-    with _full_params(engine, zero):
-        weights = _trainable_state(engine.module)
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = os.path.join(tmp, "ckpt")
-        if rank == 0:
-            _save_resume_checkpoint(directory, weights, optimizer, checkpoint_state, best_weights, zero)
-        if zero > 0:
-            _save_zero_shard(directory, engine, zero, rank, world)
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if os.path.isdir(directory) else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point; `config` = {"spec": TrainSpec, "build_task": callable,
     "task_args": dict}."""
@@ -311,7 +177,7 @@ def train_loop(config: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            state, best_weights = _restore(d, engine, optimizer, zero, rank, world)
+            state, best_weights = restore(d, engine, optimizer, zero, rank, world)
         resume_at(scheduler, state["global_step"])
         if rank == 0:
             log.info(f"[train] resumed at epoch {state['epoch']} step {state['global_step']}")
@@ -349,7 +215,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if spec.stop_after_steps and state["global_step"] >= spec.stop_after_steps:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
-                _report({"epoch": epoch, "step": state["global_step"]},
+                report({"epoch": epoch, "step": state["global_step"]},
                         dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums)),
                         best_weights, engine, optimizer, zero, rank, world)
         done_in_epoch, carried_sums = 0, {}
@@ -369,8 +235,8 @@ def train_loop(config: dict[str, Any]) -> None:
             # Metrics are all-reduced, so every rank takes the same decision and keeps the
             # same best weights for the final test.
             state["best"], state["best_epoch"] = valid.get(BEST_METRIC), epoch + 1
-            with _full_params(engine, zero):
-                best_weights = _trainable_state(engine.module)
+            with full_params(engine, zero):
+                best_weights = trainable_state(engine.module)
                 if rank == 0:
                     task.save(str(out / "best"))
         state["epoch"] = epoch + 1
@@ -380,7 +246,7 @@ def train_loop(config: dict[str, Any]) -> None:
                        f"valid {BEST_METRIC}={valid[BEST_METRIC]:.4f} (best {state['best']:.4f} "
                        f"at epoch {state['best_epoch']})")
             log.info(f"[train] epoch {epoch + 1}/{spec.epochs} {epoch_seconds:.1f}s {verdict}")
-        _report(record, state, best_weights, engine, optimizer, zero, rank, world)
+        report(record, state, best_weights, engine, optimizer, zero, rank, world)
 
     _final_test(task, spec, state, best_weights, engine, optimizer, zero, rank, world, out)
 
@@ -389,7 +255,7 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
                 engine, optimizer, zero: int, rank: int, world: int, out: Path) -> None:
     """Evaluate the best model (by validation; the last one without) on the test users
     under every protocol."""
-    with _full_params(engine, zero, modify=True):
+    with full_params(engine, zero, modify=True):
         engine.module.load_state_dict(best_weights, strict=False)
     protocols = reported_protocols(spec.sampled_negatives, spec.seed)
     results = {f"test_{protocol.label}/{k}": v
@@ -401,4 +267,4 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
                                                  "spec": {k: v for k, v in asdict(spec).items() if k != "ds_config"},
                                                  "deepspeed": spec.ds_config})
         log.info("[train] test " + json.dumps({k: round(v, 4) for k, v in results.items()}))
-    _report({**final, "done": 1}, dict(state), best_weights, engine, optimizer, zero, rank, world)
+    report({**final, "done": 1}, dict(state), best_weights, engine, optimizer, zero, rank, world)

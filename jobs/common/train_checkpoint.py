@@ -1,0 +1,154 @@
+"""Resumable checkpoints of the training loop, under every DeepSpeed ZeRO stage.
+
+A checkpoint is one directory reported to Ray Train: rank 0 writes the trained weights,
+the best weights so far and the loop state (safetensors + JSON, nothing pickled); the
+AdamW moments go with them under ZeRO-0, where the client optimizer holds them whole, and
+under ZeRO >= 1 each rank adds its own partition as `zero-rankN/` (Ray Train merges the
+ranks' directories into one).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slmrec.checkpoint import (load_checkpoint, optimizer_state_from_tensors, optimizer_state_to_tensors,
+                               save_checkpoint)
+
+log = logging.getLogger("slmrec.train")
+
+
+@contextlib.contextmanager
+def full_params(engine, zero: int, modify: bool = False):
+    """Under ZeRO-3 parameters are partitioned across workers; gather them for reading
+    (or writing, with `modify`) whole tensors. A no-op for lower stages."""
+    if zero < 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0 if modify else None):
+        yield
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trained weights: on CPU `.cpu()` returns the parameter itself, which
+    the optimizer goes on updating in place (and ZeRO-3 frees after a gather)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in trainable}
+
+
+def _write_main(directory: str, weights: dict[str, torch.Tensor], optimizer, state: dict[str, Any],
+                            best_weights: dict[str, torch.Tensor], zero: int) -> None:
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    tensors.update({f"best.{k}": v for k, v in best_weights.items()})
+    meta: dict[str, Any] = {"state": state, "optimizer": None}
+    if zero == 0:
+        # The client AdamW holds the full moments; higher stages shard them (save_zero_shard).
+        opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+        tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
+        meta["optimizer"] = opt_meta
+    save_checkpoint(directory, tensors, meta)
+
+
+def _zero_shard_dir(directory: str, rank: int) -> Path:
+    return Path(directory) / f"zero-rank{rank}"
+
+
+def _master_partitions(engine) -> list[torch.Tensor]:
+    """The fp32 slices of the weights this rank's ZeRO optimizer steps (its AdamW state is
+    keyed by them; DeepSpeed swaps them in and out of the AdamW's param groups, so the
+    AdamW's own state_dict cannot name them)."""
+    opt = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+        if hasattr(opt, name):
+            return list(getattr(opt, name))
+    raise RuntimeError(f"DeepSpeed optimizer {type(opt).__name__}: no fp32 partitions found to checkpoint")
+
+
+def save_zero_shard(directory: str, engine, zero: int, rank: int, world: int) -> None:
+    """This rank's AdamW moments under ZeRO >= 1. Ray Train merges every rank's checkpoint
+    directory into one, so each rank writes its own subdirectory."""
+    state = engine.optimizer.optimizer.state
+    partitions = _master_partitions(engine)
+    tensors = {f"{i}.{k}": (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else torch.tensor(v))
+               for i, p in enumerate(partitions) for k, v in state.get(p, {}).items()}
+    save_checkpoint(_zero_shard_dir(directory, rank), tensors,
+                    {"world_size": world, "zero_stage": zero, "partition_sizes": [p.numel() for p in partitions]})
+
+
+def restore_zero_shard(directory: str, engine, zero: int, rank: int, world: int) -> str | None:
+    """Load this rank's AdamW moments; returns why not when they cannot be used."""
+    shard = _zero_shard_dir(directory, rank)
+    if not shard.is_dir():
+        return "the checkpoint has no optimizer partition for this worker"
+    tensors, meta = load_checkpoint(shard)
+    partitions = _master_partitions(engine)
+    if (meta["world_size"], meta["zero_stage"]) != (world, zero):
+        return (f"its optimizer partitions were saved by {meta['world_size']} workers under "
+                f"ZeRO-{meta['zero_stage']}, this run has {world} under ZeRO-{zero}")
+    sizes = [p.numel() for p in partitions]
+    if meta["partition_sizes"] != sizes:
+        return f"its optimizer partitions hold {meta['partition_sizes']} weights, this worker's {sizes}"
+    state = engine.optimizer.optimizer.state
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        partition = partitions[int(i)]
+        # AdamW keeps its step count on the CPU whatever the weights' device.
+        state[partition][name] = value if value.dim() == 0 else value.to(partition.device)
+    return None
+
+
+def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def restore(directory: str, engine, optimizer, zero: int, rank: int,
+             world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load weights, optimizer moments and loop state; returns (state, best weights)."""
+    tensors, meta = load_checkpoint(directory)
+    model_state = _with_prefix(tensors, "model.")
+    with full_params(engine, zero, modify=True):
+        missing = set(trainable_state(engine.module)) - set(model_state)
+        if missing:
+            raise ValueError(f"checkpoint {directory} lacks trained weights {sorted(missing)[:5]}")
+        engine.module.load_state_dict(model_state, strict=False)
+    if zero == 0:
+        if meta.get("optimizer") is not None:
+            optimizer.load_state_dict(optimizer_state_from_tensors(_with_prefix(tensors, "optim."),
+                                                                   meta["optimizer"]))
+        return meta["state"], _with_prefix(tensors, "best.")
+    # ZeRO >= 1 steps a master copy of the weights held by its optimizer, not the module's:
+    # left stale, the first step would put the freshly initialised weights back.
+    engine.optimizer.refresh_fp32_params()
+    why_not = restore_zero_shard(directory, engine, zero, rank, world)
+    if why_not:
+        log.warning(f"[train] worker {rank}: AdamW moments restart from zero: {why_not}")
+    return meta["state"], _with_prefix(tensors, "best.")
+
+
+def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
+            best_weights: dict[str, torch.Tensor], engine, optimizer, zero: int, rank: int, world: int) -> None:
+    """Report metrics; with a state, also a resumable checkpoint: rank 0 writes the weights
+    and loop state, and under ZeRO >= 1 every rank its optimizer partition."""
+    import ray.train
+
+    if checkpoint_state is None:
+        ray.train.report(metrics)
+        return
+    # Gathering ZeRO-3's partitioned weights is collective: every rank joins, rank 0 copies.
+    with full_params(engine, zero):
+        weights = trainable_state(engine.module) if rank == 0 else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = os.path.join(tmp, "ckpt")
+        if rank == 0:
+            _write_main(directory, weights, optimizer, checkpoint_state, best_weights, zero)
+        if zero > 0:
+            save_zero_shard(directory, engine, zero, rank, world)
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if os.path.isdir(directory) else None
+        ray.train.report(metrics, checkpoint=checkpoint)
