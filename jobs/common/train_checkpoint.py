@@ -44,7 +44,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_main(directory: str, weights: dict[str, torch.Tensor], optimizer, state: dict[str, Any],
-                            best_weights: dict[str, torch.Tensor], zero: int) -> None:
+                best_weights: dict[str, torch.Tensor], zero: int) -> None:
     tensors = {f"model.{k}": v for k, v in weights.items()}
     tensors.update({f"best.{k}": v for k, v in best_weights.items()})
     meta: dict[str, Any] = {"state": state, "optimizer": None}
