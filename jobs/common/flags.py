@@ -39,7 +39,10 @@ class TrainFlags:
                                             "fp32 (GPU workers get bf16 from the DeepSpeed config)")
     use_gpu: bool = field(False, help="one GPU per worker; bf16 when the DeepSpeed config says auto")
     deepspeed_config: str = field("cluster/deepspeed/zero0.json",
-                                  help="DeepSpeed JSON (ZeRO stage, clipping, bf16); batch sizes are filled in")
+                                  help="DeepSpeed JSON (ZeRO stage, clipping, bf16); batch sizes are filled in. "
+                                       "Shipped: cluster/deepspeed/zero0.json, zero2.json (optimizer state "
+                                       "and gradients sharded), zero3.json (weights too), zero3_offload.json "
+                                       "(sharded state kept in CPU memory)")
     seed: int = field(0, help="random seed (model init, shuffling, sampled negatives)")
     run_name: Optional[str] = field(None, help="Ray Train run name; rerunning with the same name resumes "
                                               "(default: derived from --output)")
