@@ -57,21 +57,6 @@ def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp
         fit(config, spec, build_task=None, task_args={}, datasets={}, run_name="refused")
 
 
-def test_best_weights_are_a_snapshot_not_the_live_parameters():
-    # Kept for the final test while training goes on: on CPU they once aliased the
-    # parameters, so every run tested its last epoch whatever validation chose.
-    from jobs.common.train_checkpoint import trainable_state
-
-    model = torch.nn.Linear(2, 2)
-    model.bias.requires_grad_(False)
-    snapshot = trainable_state(model)
-    before = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    assert set(snapshot) == {"weight"}
-    assert torch.equal(snapshot["weight"], before)
-
-
 @pytest.mark.parametrize("batches,world,taken,short", [
     (5, 2, [3, 2], [0, 1]),
     (4, 2, [2, 2], [0, 0]),
@@ -86,37 +71,3 @@ def test_evaluation_share_says_how_many_forwards_a_rank_is_short(batches, world,
         got = [b["i"] for b in share]
         assert got == list(range(rank, batches, world)) and len(got) == taken[rank]
         assert share.short_by() == short[rank]
-
-
-def _fake_zero_engine(sizes):
-    """The two attributes of a DeepSpeed ZeRO-1/2 engine the shard code reads."""
-    from types import SimpleNamespace
-
-    partitions = [torch.zeros(n) for n in sizes]
-    base = SimpleNamespace(state={p: {} for p in partitions})
-    return SimpleNamespace(optimizer=SimpleNamespace(single_partition_of_fp32_groups=partitions, optimizer=base))
-
-
-def test_zero_optimizer_partitions_round_trip_and_refuse_another_layout(tmp_path):
-    from jobs.common.train_checkpoint import restore_zero_shard, save_zero_shard
-
-    saved = _fake_zero_engine([3, 2])
-    p0, p1 = saved.optimizer.single_partition_of_fp32_groups
-    saved.optimizer.optimizer.state[p0] = {"step": torch.tensor(7.0), "exp_avg": torch.arange(3.0),
-                                           "exp_avg_sq": torch.ones(3)}
-    saved.optimizer.optimizer.state[p1] = {"step": torch.tensor(7.0), "exp_avg": torch.tensor([5.0, 6.0]),
-                                           "exp_avg_sq": torch.full((2,), 2.0)}
-    save_zero_shard(str(tmp_path), saved, zero=2, rank=1, world=2)
-
-    restored = _fake_zero_engine([3, 2])
-    assert restore_zero_shard(str(tmp_path), restored, zero=2, rank=1, world=2) is None
-    q0, q1 = restored.optimizer.single_partition_of_fp32_groups
-    state = restored.optimizer.optimizer.state
-    assert torch.equal(state[q0]["exp_avg"], torch.arange(3.0)) and float(state[q1]["step"]) == 7.0
-    assert torch.equal(state[q1]["exp_avg_sq"], torch.full((2,), 2.0))
-
-    assert "no optimizer partition" in restore_zero_shard(str(tmp_path), _fake_zero_engine([3, 2]), 2, 0, 2)
-    assert "saved by 2 workers under ZeRO-2, this run has 4 under ZeRO-2" in restore_zero_shard(
-        str(tmp_path), _fake_zero_engine([3, 2]), 2, 1, 4)
-    assert "hold [3, 2] weights, this worker's [4, 1]" in restore_zero_shard(
-        str(tmp_path), _fake_zero_engine([4, 1]), 2, 1, 2)

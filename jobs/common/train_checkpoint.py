@@ -65,7 +65,8 @@ def _master_partitions(engine) -> list[torch.Tensor]:
     keyed by them; DeepSpeed swaps them in and out of the AdamW's param groups, so the
     AdamW's own state_dict cannot name them)."""
     opt = engine.optimizer
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+    # ZeRO-1/2, ZeRO-3, and ZeRO-1 under bf16 with fp32 gradient accumulation.
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         if hasattr(opt, name):
             return list(getattr(opt, name))
     raise RuntimeError(f"DeepSpeed optimizer {type(opt).__name__}: no fp32 partitions found to checkpoint")
@@ -108,27 +109,33 @@ def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def load_weights(engine, zero: int, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Put trained weights into the engine's module, on every rank."""
+    with full_params(engine, zero, modify=True):
+        missing = {n for n, p in engine.module.named_parameters() if p.requires_grad} - set(weights)
+        if missing:
+            raise ValueError(f"{source} lacks trained weights {sorted(missing)[:5]}")
+        engine.module.load_state_dict(weights, strict=False)
+    # DeepSpeed's ZeRO and bf16 optimizers step an fp32 master copy of the weights that they
+    # hold themselves: left stale, their next step would put the old weights back.
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
+
+
 def restore(directory: str, engine, optimizer, zero: int, rank: int,
-             world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            world: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load weights, optimizer moments and loop state; returns (state, best weights)."""
     tensors, meta = load_checkpoint(directory)
-    model_state = _with_prefix(tensors, "model.")
-    with full_params(engine, zero, modify=True):
-        missing = set(trainable_state(engine.module)) - set(model_state)
-        if missing:
-            raise ValueError(f"checkpoint {directory} lacks trained weights {sorted(missing)[:5]}")
-        engine.module.load_state_dict(model_state, strict=False)
+    load_weights(engine, zero, _with_prefix(tensors, "model."), f"checkpoint {directory}")
     if zero == 0:
         if meta.get("optimizer") is not None:
             optimizer.load_state_dict(optimizer_state_from_tensors(_with_prefix(tensors, "optim."),
                                                                    meta["optimizer"]))
-        return meta["state"], _with_prefix(tensors, "best.")
-    # ZeRO >= 1 steps a master copy of the weights held by its optimizer, not the module's:
-    # left stale, the first step would put the freshly initialised weights back.
-    engine.optimizer.refresh_fp32_params()
-    why_not = restore_zero_shard(directory, engine, zero, rank, world)
-    if why_not:
-        log.warning(f"[train] worker {rank}: AdamW moments restart from zero: {why_not}")
+    else:
+        why_not = restore_zero_shard(directory, engine, zero, rank, world)
+        if why_not:
+            log.warning(f"[train] worker {rank}: AdamW moments restart from zero: {why_not}")
     return meta["state"], _with_prefix(tensors, "best.")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from jobs.common.progress import Progress
-from jobs.common.train_checkpoint import full_params, report, restore, trainable_state
+from jobs.common.train_checkpoint import full_params, load_weights, report, restore, trainable_state
 from slmrec.bucketing import length_buckets
 from slmrec.checkpoint import atomic_write_json
 from slmrec.evaluation import EvalProtocol, evaluate_batches, reported_protocols
@@ -255,8 +255,7 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
                 engine, optimizer, zero: int, rank: int, world: int, out: Path) -> None:
     """Evaluate the best model (by validation; the last one without) on the test users
     under every protocol."""
-    with full_params(engine, zero, modify=True):
-        engine.module.load_state_dict(best_weights, strict=False)
+    load_weights(engine, zero, best_weights, "the best weights")
     protocols = reported_protocols(spec.sampled_negatives, spec.seed)
     results = {f"test_{protocol.label}/{k}": v
                for protocol, metrics in zip(protocols, _evaluate(task, "test", spec, protocols, rank, world))
