@@ -102,3 +102,18 @@ def test_loaded_weights_survive_the_next_deepspeed_step():
         assert float(low) == float(high) == 7.0, f"ZeRO-{stage} bf16={bf16} ({optimizer}): {low}..{high}"
     # The cases that hold a master copy are among them (the plain one holds none).
     assert {r[2] for r in rows} >= {"DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3"}
+
+
+def test_an_unknown_zero_optimizer_loses_its_moments_not_the_run(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from jobs.common.train_checkpoint import restore_zero_shard, save_zero_shard
+
+    unknown = SimpleNamespace(optimizer=SimpleNamespace(optimizer=SimpleNamespace(state={})))
+    with caplog.at_level("WARNING", logger="slmrec.train"):
+        save_zero_shard(str(tmp_path), unknown, zero=2, rank=0, world=1)
+    assert not (tmp_path / "zero-rank0").exists()
+    assert "SimpleNamespace has no fp32 partitions" in caplog.text
+    # A shard written by a known optimizer is not applied to an unknown one.
+    save_zero_shard(str(tmp_path), _fake_zero_engine([2]), zero=2, rank=0, world=1)
+    assert "no fp32 partitions this code knows" in restore_zero_shard(str(tmp_path), unknown, 2, 0, 1)

@@ -60,23 +60,34 @@ def _zero_shard_dir(directory: str, rank: int) -> Path:
     return Path(directory) / f"zero-rank{rank}"
 
 
-def _master_partitions(engine) -> list[torch.Tensor]:
+def _master_partitions(engine) -> list[torch.Tensor] | None:
     """The fp32 slices of the weights this rank's ZeRO optimizer steps (its AdamW state is
     keyed by them; DeepSpeed swaps them in and out of the AdamW's param groups, so the
-    AdamW's own state_dict cannot name them)."""
+    AdamW's own state_dict cannot name them); None for an optimizer we do not know."""
     opt = engine.optimizer
     # ZeRO-1/2, ZeRO-3, and ZeRO-1 under bf16 with fp32 gradient accumulation.
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         if hasattr(opt, name):
             return list(getattr(opt, name))
-    raise RuntimeError(f"DeepSpeed optimizer {type(opt).__name__}: no fp32 partitions found to checkpoint")
+    return None
+
+
+_warned_unknown: set[str] = set()
 
 
 def save_zero_shard(directory: str, engine, zero: int, rank: int, world: int) -> None:
     """This rank's AdamW moments under ZeRO >= 1. Ray Train merges every rank's checkpoint
     directory into one, so each rank writes its own subdirectory."""
-    state = engine.optimizer.optimizer.state
     partitions = _master_partitions(engine)
+    if partitions is None:
+        # Losing the moments on a resume beats failing the run at its first checkpoint.
+        kind = type(engine.optimizer).__name__
+        if kind not in _warned_unknown:
+            _warned_unknown.add(kind)
+            log.warning(f"[train] worker {rank}: DeepSpeed optimizer {kind} has no fp32 partitions this code "
+                        "knows; checkpoints leave its AdamW moments out (a resume restarts them from zero)")
+        return
+    state = engine.optimizer.optimizer.state
     tensors = {f"{i}.{k}": (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else torch.tensor(v))
                for i, p in enumerate(partitions) for k, v in state.get(p, {}).items()}
     save_checkpoint(_zero_shard_dir(directory, rank), tensors,
@@ -90,6 +101,8 @@ def restore_zero_shard(directory: str, engine, zero: int, rank: int, world: int)
         return "the checkpoint has no optimizer partition for this worker"
     tensors, meta = load_checkpoint(shard)
     partitions = _master_partitions(engine)
+    if partitions is None:
+        return f"DeepSpeed optimizer {type(engine.optimizer).__name__} has no fp32 partitions this code knows"
     if (meta["world_size"], meta["zero_stage"]) != (world, zero):
         return (f"its optimizer partitions were saved by {meta['world_size']} workers under "
                 f"ZeRO-{meta['zero_stage']}, this run has {world} under ZeRO-{zero}")
