@@ -153,7 +153,7 @@ def restore(directory: str, engine, optimizer, zero: int, rank: int,
 
 
 def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
-            best_weights: dict[str, torch.Tensor], engine, optimizer, zero: int, rank: int, world: int) -> None:
+           best_weights: dict[str, torch.Tensor], engine, optimizer, zero: int, rank: int, world: int) -> None:
     """Report metrics; with a state, also a resumable checkpoint: rank 0 writes the weights
     and loop state, and under ZeRO >= 1 every rank its optimizer partition."""
     import ray.train

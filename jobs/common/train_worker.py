@@ -216,8 +216,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
                 report({"epoch": epoch, "step": state["global_step"]},
-                        dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums)),
-                        best_weights, engine, optimizer, zero, rank, world)
+                       dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums)),
+                       best_weights, engine, optimizer, zero, rank, world)
         done_in_epoch, carried_sums = 0, {}
         if n_steps == 0:
             raise ValueError(f"worker {rank}: no training batch of {spec.micro_batch} rows in epoch {epoch + 1}; "
