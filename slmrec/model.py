@@ -109,7 +109,9 @@ class SeqRecommender(nn.Module):
 
     def _item_inputs(self, items: torch.Tensor) -> torch.Tensor:
         """The items' decoder inputs [B, L, H]."""
-        x = self.input_proj(F.embedding(items, self.item_table))
+        # The table is a buffer, which DeepSpeed's bf16 keeps in fp32 while it casts weights.
+        rows = F.embedding(items, self.item_table)
+        x = self.input_proj(rows.to(self.input_proj.weight.dtype))
         return x.to(self.decoder.get_input_embeddings().weight.dtype)
 
     def _prompt_inputs(self) -> torch.Tensor:

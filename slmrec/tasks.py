@@ -43,6 +43,11 @@ class Task(Protocol):
 
     def save(self, directory: str) -> None: ...
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules the loss runs but does not train (kept out of the optimizer); the worker
+        places them as it places `model`."""
+        ...
+
 
 @dataclass
 class SASRecTask:
@@ -65,6 +70,9 @@ class SASRecTask:
     def save(self, directory: str) -> None:
         self.model.save(directory)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
+
 
 @dataclass
 class NextItemTask:
@@ -86,6 +94,9 @@ class NextItemTask:
     def save(self, directory: str) -> None:
         self.model.save(directory)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
+
 
 @dataclass
 class DistillTask(NextItemTask):
@@ -106,6 +117,9 @@ class DistillTask(NextItemTask):
         self.pairs = pair_blocks(self.teacher.depth, self.model.depth, self.num_blocks)
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.teacher]
 
     def loss(self, batch: dict[str, torch.Tensor]) -> LossTerms:
         items, targets = batch["items"], batch["targets"]

@@ -209,3 +209,23 @@ def test_teacher_trains_its_table_with_the_runs_data_resource_and_precision_sett
         "d", 30, 7, 8, 2, 4, True, 0.5, True, 5, 3, "t-items")
     # The optimiser's settings stay SASRec's own, and fault injection stays with the teacher.
     assert (items.lr, items.fail_after_steps) == (PretrainItemsConfig.lr, 0)
+
+
+def test_distill_in_gpu_precision_with_a_partitioned_teacher(teacher_run, tiny_prepared, tmp_path):
+    # GPU workers get bf16 from DeepSpeed ("auto" in our configs), which casts the weights
+    # but keeps buffers such as the item table in fp32; forced on here in CPU workers, with
+    # ZeRO-3 partitioning the frozen teacher beside the student.
+    ds_config = tmp_path / "zero3_bf16.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
+    out = tmp_path / "student"
+    run_distill(DistillConfig(data=str(tiny_prepared), teacher=str(teacher_run), output=str(out), student_layers=2,
+                              blocks=2, epochs=1, num_workers=2, deepspeed_config=str(ds_config), probe=False,
+                              **TINY))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["deepspeed"]["bf16"]["enabled"] is True
+    assert metrics["deepspeed"]["zero_optimization"]["stage"] == 3
+    for term in ("ce", "cos", "l2", "ms"):
+        assert all(torch.isfinite(torch.tensor(s[term])) and s[term] > 0 for s in metrics["steps"]), term
+    assert 0.0 < metrics["final"]["test_full/NDCG@10"] <= 1.0
+    student = SeqRecommender.load(out / "best")
+    assert student.depth == 2 and student.item_table.dtype == torch.float32

@@ -73,3 +73,23 @@ def init_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
+
+
+def place_frozen(module: torch.nn.Module, engine, ds_config: dict[str, Any]):
+    """Put a frozen module that every step runs beside the trained one (the distillation
+    teacher) where the engine put the trained one: on its device, its weights in its
+    precision (buffers stay fp32, as DeepSpeed keeps them). Under ZeRO-3 the module's
+    weights are partitioned across the workers too, by DeepSpeed's optimizer-less ZeRO-3
+    engine, and gathered per submodule as it runs, like the trained module's; so a teacher
+    larger than one device fits. Returns that engine (its hooks live as long as it does),
+    else None."""
+    if zero_stage(ds_config) == 3:
+        import deepspeed
+
+        frozen_engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config)
+        return frozen_engine
+    reference = next(engine.module.parameters())
+    module.to(reference.device)
+    for param in module.parameters():
+        param.data = param.data.to(reference.dtype)
+    return None

@@ -146,7 +146,7 @@ def train_loop(config: dict[str, Any]) -> None:
     "task_args": dict}."""
     import ray.train
 
-    from jobs.common.deepspeed_engine import init_engine, zero_stage
+    from jobs.common.deepspeed_engine import init_engine, place_frozen, zero_stage
 
     spec: TrainSpec = config["spec"]
     build_task: Callable[[dict], Task] = config["build_task"]
@@ -171,6 +171,7 @@ def train_loop(config: dict[str, Any]) -> None:
     zero = zero_stage(spec.ds_config)
     # The engine may re-wrap the module (ZeRO-3 partitions it); the task must use it.
     task.model = engine.module
+    frozen_engines = [place_frozen(module, engine, spec.ds_config) for module in task.frozen_modules()]
 
     state = {"epoch": 0, "global_step": 0, "best": -1.0, "best_epoch": -1, "history": [], "steps": []}
     best_weights: dict[str, torch.Tensor] = {}
