@@ -175,6 +175,25 @@ def test_deepspeed_configs_name_their_zero_stage():
     assert offload["offload_param"]["device"] == offload["offload_optimizer"]["device"] == "cpu"
 
 
+def test_bf16_auto_is_decided_by_the_workers_device_not_the_drivers(monkeypatch):
+    # cluster/aws.yaml's head node, where `ray job submit` runs the driver, has no GPU:
+    # deciding there trained every GPU worker in fp32.
+    import torch
+
+    from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    driver = resolve_ds_config(load_ds_config(CLUSTER / "deepspeed" / "zero2.json"), 8, 2, 4)
+    assert driver["bf16"]["enabled"] == "auto" and driver["train_batch_size"] == 64
+    assert resolve_precision(driver, torch.device("cuda", 0))["bf16"]["enabled"] is True
+    assert resolve_precision(driver, torch.device("cpu"))["bf16"]["enabled"] is False
+    assert resolve_precision({}, torch.device("cuda", 0))["bf16"]["enabled"] is True
+    forced = {"bf16": {"enabled": True}}
+    assert resolve_precision(forced, torch.device("cpu")) == forced
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision(driver, torch.device("cuda", 0))["bf16"]["enabled"] is False
+
+
 def test_ml1m_recipe_stages_chain_on_one_split():
     """cluster/ml1m/: each stage reads the previous one's output, all on the same data,
     history length and split (validation items trained on)."""

@@ -97,7 +97,7 @@ for stage, bf16 in [(3, False), (0, True)]:
         before = teacher(items, output_layers=True).layers
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = resolve_ds_config({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}, 2, 1, 2, False)
+    config = resolve_ds_config({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}, 2, 1, 2)
     engine = init_engine(student, optimizer, scheduler, config)
     task.model = engine.module
     kept = [place_frozen(module, engine, config) for module in task.frozen_modules()]

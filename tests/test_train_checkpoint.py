@@ -76,7 +76,7 @@ for stage, bf16 in [(0, False), (0, True), (2, False), (3, False)]:
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = resolve_ds_config({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}, 2, 1, 1, False)
+    config = resolve_ds_config({"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}, 2, 1, 1)
     engine = init_engine(model, optimizer, scheduler, config)
     load_weights(engine, stage, {n: torch.full(tuple(getattr(p, "ds_shape", p.shape)), 7.0)
                                  for n, p in engine.module.named_parameters()}, "test")

@@ -31,20 +31,28 @@ def load_ds_config(path: str | Path | None) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed config {path}: invalid JSON ({e})") from e
 
 
-def resolve_ds_config(base: dict[str, Any], micro_batch: int, grad_accum: int, world_size: int,
-                      use_gpu: bool) -> dict[str, Any]:
+def resolve_ds_config(base: dict[str, Any], micro_batch: int, grad_accum: int, world_size: int) -> dict[str, Any]:
     """Fill the run-dependent fields; explicit values in the file win over ours except
-    batch sizes, which must agree with the data loader."""
+    batch sizes, which must agree with the data loader. bf16 "auto" is left to the
+    workers (`resolve_precision`)."""
     cfg = json.loads(json.dumps(base))
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = grad_accum
     cfg["train_batch_size"] = micro_batch * grad_accum * world_size
-    bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
-        bf16["enabled"] = bool(use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     # CPU workers use torch's AdamW (our client optimizer): DeepSpeed's fused/CPU Adam
     # need a 1.5-4 min compile per worker.
     cfg.setdefault("zero_allow_untested_optimizer", True)
+    return cfg
+
+
+def resolve_precision(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The config with bf16 "auto" (or no bf16 entry) resolved for the device a worker
+    trains on: on for a CUDA GPU that has bf16, else off. Decided in the worker, because
+    the driver may run where there is no GPU (a CPU head node, as in cluster/aws.yaml)."""
+    cfg = json.loads(json.dumps(cfg))
+    bf16 = cfg.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return cfg
 
 

@@ -146,7 +146,7 @@ def train_loop(config: dict[str, Any]) -> None:
     "task_args": dict}."""
     import ray.train
 
-    from jobs.common.deepspeed_engine import init_engine, place_frozen, zero_stage
+    from jobs.common.deepspeed_engine import init_engine, place_frozen, resolve_precision, zero_stage
 
     spec: TrainSpec = config["spec"]
     build_task: Callable[[dict], Task] = config["build_task"]
@@ -156,6 +156,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.seed)
     task = build_task(config["task_args"])
     device = _device()
+    # This worker's copy of the spec; metrics.json records the config as resolved here.
+    spec.ds_config = resolve_precision(spec.ds_config, device)
     task.model.to(device)
     slow_bf16 = spec.bf16_autocast and bf16_autocast_warning(device.type)
     if slow_bf16 and rank == 0:

@@ -19,7 +19,7 @@ def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: 
         raise ValueError(f"{train_rows} training users over {flags.num_workers} worker(s) cannot fill one "
                          f"batch of --batch-size {flags.batch_size}; lower it or add data")
     ds_config = resolve_ds_config(load_ds_config(flags.deepspeed_config), flags.batch_size, flags.grad_accum,
-                                  flags.num_workers, flags.use_gpu)
+                                  flags.num_workers)
     spec = TrainSpec(
         output_dir=str(Path(output_dir).resolve()), epochs=flags.epochs, lr=flags.lr,
         weight_decay=flags.weight_decay, warmup_steps=flags.warmup_steps, micro_batch=flags.batch_size,
