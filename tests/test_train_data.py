@@ -71,3 +71,14 @@ def test_evaluation_share_says_how_many_forwards_a_rank_is_short(batches, world,
         got = [b["i"] for b in share]
         assert got == list(range(rank, batches, world)) and len(got) == taken[rank]
         assert share.short_by() == short[rank]
+
+
+def test_metric_sums_are_reduced_on_the_workers_device(monkeypatch):
+    # NCCL, the GPU workers' backend, reduces CUDA tensors only; the sums live on the CPU.
+    from jobs.common.train_worker import all_reduce_sum
+
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: reduced.append((t.device, t.dtype)))
+    out = all_reduce_sum(torch.zeros(3, dtype=torch.float64), torch.device("meta"))
+    assert reduced == [(torch.device("meta"), torch.float64)] and out.device == torch.device("meta")

@@ -72,7 +72,10 @@ def _rank_world() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum of `t` over the workers, computed on `device`: NCCL (GPU workers) reduces CUDA
+    tensors only, and metric sums are kept on the CPU."""
+    t = t.to(device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
@@ -138,7 +141,7 @@ def _evaluate(task: Task, split: str, spec: TrainSpec, protocols: list[EvalProto
         for _ in range(share.short_by()):
             ranker.user_vectors(share.last["items"])
     task.model.train()
-    return [MetricSums.from_tensor(_all_reduce_sum(sums.as_tensor())).result() for sums in per_protocol]
+    return [MetricSums.from_tensor(all_reduce_sum(sums.as_tensor(), _device())).result() for sums in per_protocol]
 
 
 def train_loop(config: dict[str, Any]) -> None:
