@@ -110,8 +110,10 @@ class SeqRecommender(nn.Module):
     def _item_inputs(self, items: torch.Tensor) -> torch.Tensor:
         """The items' decoder inputs [B, L, H]."""
         # The table is a buffer, which DeepSpeed's bf16 keeps in fp32 while it casts weights.
+        # An int8 copy's projection holds no parameters (packed weights) and takes fp32.
+        weight = next(self.input_proj.parameters(), None)
         rows = F.embedding(items, self.item_table)
-        x = self.input_proj(rows.to(self.input_proj.weight.dtype))
+        x = self.input_proj(rows if weight is None else rows.to(weight.dtype))
         return x.to(self.decoder.get_input_embeddings().weight.dtype)
 
     def _prompt_inputs(self) -> torch.Tensor:

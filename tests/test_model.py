@@ -256,6 +256,18 @@ def test_bfloat16_backbone():
     assert logits.dtype == torch.float32 and torch.isfinite(logits[..., 1:]).all()
 
 
+def test_bf16_weights_beside_an_fp32_item_table():
+    # DeepSpeed's bf16 (GPU workers) casts the parameters and keeps buffers, the frozen
+    # item table among them, in fp32: the projection once got fp32 rows and failed.
+    model = build_recommender(scratch(aux_heads=1), item_table()).eval()
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    assert model.item_table.dtype == torch.float32
+    out = model(ITEMS, output_layers=True)
+    assert out.hidden.dtype == torch.bfloat16 and torch.isfinite(model.item_logits(out.hidden)).all()
+    assert torch.isfinite(model.user_vectors(ITEMS)).all()
+
+
 def test_load_rejects_other_checkpoints(tmp_path):
     from slmrec.checkpoint import save_checkpoint
 
