@@ -37,6 +37,8 @@ class ScoreConfig:
     batch_size: int = field(256, help="users per model call")
     num_actors: int = field(1, help="scoring actors (each holds one copy of the model)")
     cpus_per_actor: float = field(1.0, help="CPUs reserved per actor (torch threads follow it)")
+    gpus_per_actor: float = field(0.0, help="GPUs reserved per actor; above 0 the model runs on CUDA "
+                                            "(fractions share a GPU between actors; not with --int8)")
     chunk_size: int = field(65536, help="items scored at a time in the top-k (memory: batch x chunk)")
     num_cpus: int = field(2, help="CPUs of the local Ray instance (ignored on a cluster)")
 
@@ -44,6 +46,10 @@ class ScoreConfig:
         for name in ("k", "batch_size", "num_actors", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if self.int8 and self.gpus_per_actor > 0:
+            raise ValueError("int8 models run on the CPU only; drop --int8 or --gpus-per-actor")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,11 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"score: --k {config.k} is more than the {items} items of {config.data}")
     init_local_ray(num_cpus=config.num_cpus)
     start = time.perf_counter()
-    load = functools.partial(Recommender.load, config.model, int8=config.int8,
-                             chunk_size=config.chunk_size)
+    load = functools.partial(Recommender.load, config.model, int8=config.int8, chunk_size=config.chunk_size,
+                             device="cuda" if config.gpus_per_actor > 0 else "cpu")
     try:
         users = score_prepared(config.data, config.output, load, config.k, config.exclude_seen,
-                               config.batch_size, config.num_actors, config.cpus_per_actor)
+                               config.batch_size, config.num_actors, config.cpus_per_actor,
+                               config.gpus_per_actor)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"score: {e}")
     summary = {"users": users, "k": config.k, "output": config.output, "int8": config.int8,

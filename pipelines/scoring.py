@@ -65,7 +65,7 @@ class TopKScorer:
 def score_users(sequences: "ray.data.Dataset", load_recommender: Callable[[], Recommender],
                 catalog: ItemCatalog, k: int, exclude_seen: bool = True,
                 batch_size: int = 256, num_actors: int = 1,
-                num_cpus_per_actor: float = 1.0) -> "ray.data.Dataset":
+                num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0) -> "ray.data.Dataset":
     """Lazily scored dataset (user_id, items, scores) from (user_id, item_index, ...)."""
     import ray.data
 
@@ -78,18 +78,19 @@ def score_users(sequences: "ray.data.Dataset", load_recommender: Callable[[], Re
         fn_constructor_kwargs={"load_recommender": load_recommender, "catalog": catalog,
                                "k": k, "exclude_seen": exclude_seen},
         batch_size=batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=num_cpus_per_actor)
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=num_cpus_per_actor,
+        num_gpus=num_gpus_per_actor)
 
 
 def score_prepared(prepared: str | Path, output: str | Path,
                    load_recommender: Callable[[], Recommender], k: int,
                    exclude_seen: bool = True, batch_size: int = 256, num_actors: int = 1,
-                   num_cpus_per_actor: float = 1.0) -> int:
+                   num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0) -> int:
     """Score every user of a prepared directory into Parquet files under `output`;
     returns the number of users written."""
     catalog = ItemCatalog.from_prepared(prepared)
     scored = score_users(sequences_dataset(prepared), load_recommender, catalog, k,
-                         exclude_seen, batch_size, num_actors, num_cpus_per_actor)
+                         exclude_seen, batch_size, num_actors, num_cpus_per_actor, num_gpus_per_actor)
     # Streamed straight to Parquet: the scored users are never all in memory at once.
     scored.write_parquet(str(output))
     return pa_dataset.dataset(str(output), format="parquet").count_rows()

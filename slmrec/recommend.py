@@ -51,12 +51,15 @@ def user_vectors(model: SeqRecommender, items: torch.Tensor) -> torch.Tensor:
 def recommend(model: SeqRecommender, histories: Sequence[Sequence[int]], k: int,
               exclude_seen: bool = True, chunk_size: int = 65536
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k (scores [B, k], item indices [B, k]) for each history; empty slots (fewer
-    than k items left after exclusion) hold index -1 and score -inf."""
-    items = pad_histories(histories, model.config.max_len)
-    seen = pad_histories(histories) if exclude_seen else None
-    return chunked_topk(user_vectors(model, items), model.item_table, k, seen, exclude_seen,
-                        chunk_size)
+    """Top-k (scores [B, k], item indices [B, k], on the CPU) for each history; empty slots
+    (fewer than k items left after exclusion) hold index -1 and score -inf. Runs on the
+    model's device."""
+    device = model.item_table.device
+    items = pad_histories(histories, model.config.max_len).to(device)
+    seen = pad_histories(histories).to(device) if exclude_seen else None
+    scores, indices = chunked_topk(user_vectors(model, items), model.item_table, k, seen, exclude_seen,
+                                   chunk_size)
+    return scores.cpu(), indices.cpu()
 
 
 def check_vocabulary(directory: str | Path, num_items: int) -> None:
@@ -86,10 +89,14 @@ class Recommender:
         return self.model.config.num_items
 
     @classmethod
-    def load(cls, directory: str | Path, int8: bool = False,
-             chunk_size: int = 65536) -> "Recommender":
-        """A saved model for inference, LoRA adapters folded into their weights (the same
-        scores without the adapters' extra matmuls), optionally int8-quantised for CPU serving."""
+    def load(cls, directory: str | Path, int8: bool = False, chunk_size: int = 65536,
+             device: str | torch.device = "cpu") -> "Recommender":
+        """A saved model for inference on `device`, LoRA adapters folded into their weights
+        (the same scores without the adapters' extra matmuls), optionally int8-quantised
+        (CPU only: torch's dynamic quantisation has no CUDA kernels)."""
+        device = torch.device(device)
+        if int8 and device.type != "cpu":
+            raise ValueError(f"int8 models run on the CPU only, not on {device}")
         model = SeqRecommender.load(directory).eval()
         merge_lora(model)
         if int8:
@@ -97,4 +104,4 @@ class Recommender:
             from slmrec.quantize import quantize_int8
 
             model = quantize_int8(model)
-        return cls(model, chunk_size)
+        return cls(model.to(device), chunk_size)

@@ -75,3 +75,34 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, k, output_exists, mo
         assert exit_info.value.code == 2
     else:
         assert message in str(exit_info.value.code)
+
+
+def test_int8_on_a_gpu_is_refused_by_name(tmp_path, capsys):
+    # Dynamic int8 quantisation has CPU kernels only.
+    with pytest.raises(SystemExit) as exit_info:
+        score_main(["--model", "m", "--data", "d", "--output", str(tmp_path / "s"), "--int8",
+                    "--gpus-per-actor", "0.5"])
+    assert exit_info.value.code == 2
+    assert "int8 models run on the CPU only" in capsys.readouterr().err
+    from slmrec.recommend import Recommender
+
+    with pytest.raises(ValueError, match="int8 models run on the CPU only, not on cuda"):
+        Recommender.load(tmp_path / "never-read", int8=True, device="cuda")
+
+
+def test_scoring_actors_reserve_the_gpus_asked_for():
+    from pipelines.scoring import score_users
+
+    class Sequences:
+        def select_columns(self, columns):
+            return self
+
+        def map_batches(self, fn, **kwargs):
+            self.kwargs = kwargs
+            return self
+
+    catalog = type("Catalog", (), {"num_items": 10})()
+    sequences = Sequences()
+    score_users(sequences, lambda: None, catalog, k=5, num_actors=2, num_cpus_per_actor=1.0,
+                num_gpus_per_actor=0.25)
+    assert sequences.kwargs["num_gpus"] == 0.25 and sequences.kwargs["num_cpus"] == 1.0
