@@ -77,6 +77,8 @@ class ServeConfig:
     max_k: int = field(1000, help="largest k accepted (also capped at the number of items)")
     num_replicas: int = field(1, help="Serve replicas")
     cpus_per_replica: float = field(1.0, help="CPUs per replica; torch uses as many threads")
+    gpus_per_replica: float = field(0.0, help="GPUs per replica; above 0 the models run on CUDA (fractions "
+                                              "share a GPU between replicas; not with --quantize)")
     chunk_size: int = field(65536, help="items scored at a time in the top-k")
     num_cpus: int = field(2, help="CPUs of the local Ray instance (ignored on a cluster)")
 
@@ -85,6 +87,10 @@ class ServeConfig:
                      "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_replica < 0:
+            raise ValueError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        if self.gpus_per_replica > 0 and self.quantize != "none":
+            raise ValueError("int8 models run on the CPU only; drop --quantize or --gpus-per-replica")
         if self.batch_wait_timeout_s < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
         if not self.model:
@@ -195,7 +201,8 @@ class RecommenderService:
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> Recommender:
         path, int8 = self.specs[model_id]
-        return await asyncio.to_thread(Recommender.load, path, int8, self.config.chunk_size)
+        device = "cuda" if self.config.gpus_per_replica > 0 else "cpu"
+        return await asyncio.to_thread(Recommender.load, path, int8, self.config.chunk_size, device)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
     async def run_batch(self, jobs: list[_Job]) -> list[tuple[list[float], list[int]]]:
@@ -290,7 +297,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     return RecommenderService.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
-        ray_actor_options={"num_cpus": config.cpus_per_replica},
+        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
     ).bind(dataclasses.asdict(config))
 
 

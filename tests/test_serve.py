@@ -200,6 +200,13 @@ def test_unknown_setting_is_refused_by_name():
         build_app({"model": ["m"], "data": "d", "max_batch": 3})
 
 
+def test_replicas_reserve_the_gpus_asked_for_and_int8_stays_on_cpus():
+    app = build_app({"model": ["m"], "data": "d", "gpus_per_replica": 0.5, "cpus_per_replica": 2})
+    assert app._bound_deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.5}
+    with pytest.raises(ValueError, match="int8 models run on the CPU only"):
+        build_app({"model": ["m"], "data": "d", "gpus_per_replica": 1, "quantize": "both"})
+
+
 def test_repeated_model_flags_are_all_kept():
     from jobs.serve import ServeConfig, model_specs
     from slmrec.config import parse_config
