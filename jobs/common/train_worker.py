@@ -176,7 +176,8 @@ def train_loop(config: dict[str, Any]) -> None:
     zero = zero_stage(spec.ds_config)
     # The engine may re-wrap the module (ZeRO-3 partitions it); the task must use it.
     task.model = engine.module
-    frozen_engines = [place_frozen(module, engine, spec.ds_config) for module in task.frozen_modules()]
+    # Held until the loop returns: a collected DeepSpeed engine removes its module's hooks.
+    frozen_engines = [place_frozen(module, engine, spec.ds_config) for module in task.frozen_modules()]  # noqa: F841
 
     state = {"epoch": 0, "global_step": 0, "best": -1.0, "best_epoch": -1, "history": [], "steps": []}
     best_weights: dict[str, torch.Tensor] = {}
