@@ -4,7 +4,9 @@ A checkpoint is one directory reported to Ray Train: rank 0 writes the trained w
 the best weights so far and the loop state (safetensors + JSON, nothing pickled); the
 AdamW moments go with them under ZeRO-0, where the client optimizer holds them whole, and
 under ZeRO >= 1 each rank adds its own partition as `zero-rankN/` (Ray Train merges the
-ranks' directories into one).
+ranks' directories into one). Where DeepSpeed's optimizer steps fp32 master weights of its
+own (ZeRO >= 1, bf16), those are saved too, so a bf16 run resumes bit-exact rather than
+from its bf16-rounded module weights.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items() if n in trainable}
 
 
-def _write_main(directory: str, weights: dict[str, torch.Tensor], optimizer, state: dict[str, Any],
+def _write_main(directory: str, weights: dict[str, torch.Tensor], engine, optimizer, state: dict[str, Any],
                 best_weights: dict[str, torch.Tensor], zero: int) -> None:
     tensors = {f"model.{k}": v for k, v in weights.items()}
     tensors.update({f"best.{k}": v for k, v in best_weights.items()})
@@ -53,7 +55,44 @@ def _write_main(directory: str, weights: dict[str, torch.Tensor], optimizer, sta
         opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
         tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
         meta["optimizer"] = opt_meta
+        tensors.update(_masters_to_save(_fp32_masters(engine)))
     save_checkpoint(directory, tensors, meta)
+
+
+def _fp32_masters(engine) -> list[torch.Tensor] | None:
+    """The fp32 weights this rank's optimizer steps when they are not the module's own:
+    ZeRO >= 1 steps this rank's partitions, and ZeRO-0 under bf16 (the GPU default) a
+    full fp32 copy beside the bf16 module. Checkpointing only the module's weights would
+    round them to bf16 at every resume."""
+    partitions = _master_partitions(engine)
+    if partitions is not None:
+        return partitions
+    groups = getattr(engine.optimizer, "fp32_groups", None)
+    return None if groups is None else [p for group in groups for p in group]
+
+
+def _masters_to_save(masters: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    return {f"master.{i}": m.detach().to("cpu", copy=True) for i, m in enumerate(masters or [])}
+
+
+def _warn_masters(why_not: str | None, rank: int) -> None:
+    if why_not:
+        log.warning(f"[train] worker {rank}: fp32 master weights restart from the module's (bf16-rounded "
+                    f"under bf16) weights: {why_not}")
+
+
+def _restore_masters(masters: list[torch.Tensor] | None, saved: dict[str, torch.Tensor]) -> str | None:
+    """Copy saved fp32 masters back (after `load_weights` refreshed them from the module's
+    possibly bf16 weights); returns why not when they do not fit."""
+    if not saved or masters is None:
+        return None  # nothing saved (an fp32 run) or nothing to restore into
+    values = [saved.get(str(i)) for i in range(len(masters))]
+    if len(saved) != len(masters) or any(v is None or v.shape != m.shape for v, m in zip(values, masters)):
+        return "its fp32 master weights do not match this run's layout"
+    with torch.no_grad():
+        for master, value in zip(masters, values):
+            master.copy_(value)
+    return None
 
 
 def _zero_shard_dir(directory: str, rank: int) -> Path:
@@ -90,6 +129,7 @@ def save_zero_shard(directory: str, engine, zero: int, rank: int, world: int) ->
     state = engine.optimizer.optimizer.state
     tensors = {f"{i}.{k}": (v.detach().to("cpu", copy=True) if torch.is_tensor(v) else torch.tensor(v))
                for i, p in enumerate(partitions) for k, v in state.get(p, {}).items()}
+    tensors.update(_masters_to_save(partitions))
     save_checkpoint(_zero_shard_dir(directory, rank), tensors,
                     {"world_size": world, "zero_stage": zero, "partition_sizes": [p.numel() for p in partitions]})
 
@@ -112,9 +152,12 @@ def restore_zero_shard(directory: str, engine, zero: int, rank: int, world: int)
     state = engine.optimizer.optimizer.state
     for key, value in tensors.items():
         i, name = key.split(".", 1)
+        if i == "master":
+            continue
         partition = partitions[int(i)]
         # AdamW keeps its step count on the CPU whatever the weights' device.
         state[partition][name] = value if value.dim() == 0 else value.to(partition.device)
+    _warn_masters(_restore_masters(partitions, _with_prefix(tensors, "master.")), rank)
     return None
 
 
@@ -145,6 +188,7 @@ def restore(directory: str, engine, optimizer, zero: int, rank: int,
         if meta.get("optimizer") is not None:
             optimizer.load_state_dict(optimizer_state_from_tensors(_with_prefix(tensors, "optim."),
                                                                    meta["optimizer"]))
+        _warn_masters(_restore_masters(_fp32_masters(engine), _with_prefix(tensors, "master.")), rank)
     else:
         why_not = restore_zero_shard(directory, engine, zero, rank, world)
         if why_not:
@@ -167,7 +211,7 @@ def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
     with tempfile.TemporaryDirectory() as tmp:
         directory = os.path.join(tmp, "ckpt")
         if rank == 0:
-            _write_main(directory, weights, optimizer, checkpoint_state, best_weights, zero)
+            _write_main(directory, weights, engine, optimizer, checkpoint_state, best_weights, zero)
         if zero > 0:
             save_zero_shard(directory, engine, zero, rank, world)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if os.path.isdir(directory) else None
