@@ -89,15 +89,21 @@ for stage, bf16 in [(0, False), (0, True), (2, False), (3, False)]:
 """
 
 
+def _result_rows(script: str, expected: int) -> list[list[str]]:
+    """Run a world-size-1 engine script in its own process; the fields of its RESULT lines."""
+    from cluster.local_cluster import free_ports
+
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT), str(free_ports(1)[0])],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(rows) == expected, out.stdout[-2000:] + out.stderr[-4000:]
+    return rows
+
+
 def test_loaded_weights_survive_the_next_deepspeed_step():
     # ZeRO >= 1 and bf16 step an fp32 master copy of the weights; resuming once loaded the
     # module only, and the first step put the initial weights back.
-    from cluster.local_cluster import free_ports
-
-    out = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(ROOT), str(free_ports(1)[0])],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(rows) == 4, out.stdout[-2000:] + out.stderr[-4000:]
+    rows = _result_rows(ENGINE_SCRIPT, 4)
     for stage, bf16, optimizer, low, high in rows:
         assert float(low) == float(high) == 7.0, f"ZeRO-{stage} bf16={bf16} ({optimizer}): {low}..{high}"
     # The cases that hold a master copy are among them (the plain one holds none).
@@ -166,13 +172,7 @@ for stage in (0, 2, 3):
 
 
 def test_bf16_runs_resume_bit_exact():
-    from cluster.local_cluster import free_ports
-
-    out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(ROOT), str(free_ports(1)[0])],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
-    rows = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(rows) == 3, out.stdout[-2000:] + out.stderr[-4000:]
-    for stage, optimizer, drift in rows:
+    for stage, optimizer, drift in _result_rows(RESUME_SCRIPT, 3):
         assert float(drift) == 0.0, f"ZeRO-{stage} bf16 ({optimizer}) drifted by {drift} after a resume"
 
 
