@@ -55,18 +55,15 @@ def _write_main(directory: str, weights: dict[str, torch.Tensor], engine, optimi
         opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
         tensors.update({f"optim.{k}": v for k, v in opt_tensors.items()})
         meta["optimizer"] = opt_meta
-        tensors.update(_masters_to_save(_fp32_masters(engine)))
+        tensors.update(_masters_to_save(_zero0_masters(engine)))
     save_checkpoint(directory, tensors, meta)
 
 
-def _fp32_masters(engine) -> list[torch.Tensor] | None:
-    """The fp32 weights this rank's optimizer steps when they are not the module's own:
-    ZeRO >= 1 steps this rank's partitions, and ZeRO-0 under bf16 (the GPU default) a
-    full fp32 copy beside the bf16 module. Checkpointing only the module's weights would
-    round them to bf16 at every resume."""
-    partitions = _master_partitions(engine)
-    if partitions is not None:
-        return partitions
+def _zero0_masters(engine) -> list[torch.Tensor] | None:
+    """The full fp32 copy of the weights that ZeRO-0 under bf16 (the GPU default) steps
+    beside the bf16 module; None when the module's weights are the ones stepped (fp32).
+    Checkpointing only the module's weights would round them to bf16 at every resume.
+    (ZeRO >= 1 steps this rank's partitions, saved with its shard.)"""
     groups = getattr(engine.optimizer, "fp32_groups", None)
     return None if groups is None else [p for group in groups for p in group]
 
@@ -188,7 +185,7 @@ def restore(directory: str, engine, optimizer, zero: int, rank: int,
         if meta.get("optimizer") is not None:
             optimizer.load_state_dict(optimizer_state_from_tensors(_with_prefix(tensors, "optim."),
                                                                    meta["optimizer"]))
-        _warn_masters(_restore_masters(_fp32_masters(engine), _with_prefix(tensors, "master.")), rank)
+        _warn_masters(_restore_masters(_zero0_masters(engine), _with_prefix(tensors, "master.")), rank)
     else:
         why_not = restore_zero_shard(directory, engine, zero, rank, world)
         if why_not:
