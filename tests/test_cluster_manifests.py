@@ -1,11 +1,16 @@
-"""Every file under cluster/ parses, and every command in it that runs a job names an
-existing jobs/*.py script with flags (and values) that job's own parser accepts.
+"""Every file under cluster/ parses, and every command in it or in the top-level README
+that runs a job names an existing jobs/*.py script with flags (and values) that job's own
+parser accepts.
 
 Commands are found as `python .../jobs/NAME.py ARGS` in YAML values and comments, shell
 scripts and Markdown (backslash continuations joined); each is run through the job's real
 `main` up to its `parse_config` call, which is replaced by one that stops right after
-parsing. A shell expansion (`"$DATA"`) stands for a value the test cannot know; it is
-replaced by "1", valid for every str, int and float flag.
+parsing. A shell variable assigned earlier in the same file (`COMMON="--data d ..."`) is
+expanded, since it carries flags; any other expansion (`"$DATA"`) stands for a value the
+test cannot know and is replaced by "1", valid for every str, int and float flag. A
+command whose `--config` file is under runs/ reads what an earlier step writes (the serve
+config jobs/tune.py writes, checked by the Tune tests), so it cannot be parsed here and is
+not collected.
 The Serve application (RayService, serve config) is checked against jobs/serve.py's
 `ServeConfig` and Ray Serve's own deploy schema.
 """
@@ -26,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 # A command ends at a line end without a backslash, or at a Markdown backtick.
 COMMAND = re.compile(r"python\S*\s+(?:\S*/)?jobs/(\w+)\.py\b((?:[^\n\\`]|\\\n)*)")
+ASSIGNMENT = re.compile(r'^(\w+)="([^"$]*)"', re.MULTILINE)
 SHELL_END = {"|", "||", "&&", ";", "&", ">", "2>&1"}
 
 
@@ -51,9 +57,9 @@ def _comments(text: str) -> str:
 
 
 def job_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, job name, argv) of every job command in cluster/: YAML values (folded block
-    scalars included) and comments, shell scripts, the README, the Dockerfile."""
-    texts = []
+    """(where, job name, argv) of every job command in README.md and cluster/: YAML values (folded block
+    scalars included) and comments, shell scripts, the READMEs, the Dockerfile."""
+    texts = [("README.md", (ROOT / "README.md").read_text())]
     for path in sorted(CLUSTER.rglob("*")):
         where = str(path.relative_to(ROOT))
         if path.suffix == ".yaml":
@@ -64,12 +70,21 @@ def job_commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for where, text in texts:
         for m in COMMAND.finditer(text):
+            variables = {a.group(1): a.group(2).replace("\\\n", " ")
+                         for a in ASSIGNMENT.finditer(text, 0, m.start())}
             argv = []
             for token in shlex.split(m.group(2).replace("\\\n", " "), comments=True):
                 if token in SHELL_END:
                     break
-                argv.append("1" if token.startswith("$") else token)
-            found.append((where, m.group(1), argv))
+                if token.startswith("$"):
+                    name = token.strip("${}")
+                    argv += shlex.split(variables[name]) if name in variables else ["1"]
+                else:
+                    argv.append(token)
+            if any(a == "--config" and b.startswith("runs/") for a, b in zip(argv, argv[1:])):
+                continue
+            line = text.count("\n", 0, m.start()) + 1
+            found.append((f"{where} line {line}", m.group(1), argv))
     return found
 
 
@@ -90,7 +105,7 @@ COMMANDS = job_commands()
 
 def test_commands_are_found_in_manifests_scripts_and_readme():
     where = {w.split(" ")[0] for w, _, _ in COMMANDS}
-    assert {"cluster/kuberay/rayjob-distill.yaml", "cluster/aws.yaml", "cluster/README.md",
+    assert {"README.md", "cluster/kuberay/rayjob-distill.yaml", "cluster/aws.yaml", "cluster/README.md",
             "cluster/local_two_node.sh"} <= where
     assert any(job == "distill" for w, job, _ in COMMANDS if w.startswith("cluster/kuberay/rayjob-distill.yaml"))
 
