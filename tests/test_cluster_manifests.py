@@ -1,6 +1,6 @@
-"""Every file under cluster/ parses, and every command in it or in the top-level README
-that runs a job names an existing jobs/*.py script with flags (and values) that job's own
-parser accepts.
+"""Every file under cluster/ parses, and every command in it, in the top-level README or in
+the experiment log (bench/RESULTS.md) that runs a job names an existing jobs/*.py script
+with flags (and values) that job's own parser accepts.
 
 Commands are found as `python .../jobs/NAME.py ARGS` in YAML values and comments, shell
 scripts and Markdown (backslash continuations joined); each is run through the job's real
@@ -57,9 +57,9 @@ def _comments(text: str) -> str:
 
 
 def job_commands() -> list[tuple[str, str, list[str]]]:
-    """(where, job name, argv) of every job command in README.md and cluster/: YAML values (folded block
+    """(where, job name, argv) of every job command in the READMEs, bench/RESULTS.md and cluster/: YAML values (folded block
     scalars included) and comments, shell scripts, the READMEs, the Dockerfile."""
-    texts = [("README.md", (ROOT / "README.md").read_text())]
+    texts = [(name, (ROOT / name).read_text()) for name in ("README.md", "bench/RESULTS.md")]
     for path in sorted(CLUSTER.rglob("*")):
         where = str(path.relative_to(ROOT))
         if path.suffix == ".yaml":
@@ -105,7 +105,7 @@ COMMANDS = job_commands()
 
 def test_commands_are_found_in_manifests_scripts_and_readme():
     where = {w.split(" ")[0] for w, _, _ in COMMANDS}
-    assert {"README.md", "cluster/kuberay/rayjob-distill.yaml", "cluster/aws.yaml", "cluster/README.md",
+    assert {"README.md", "bench/RESULTS.md", "cluster/kuberay/rayjob-distill.yaml", "cluster/aws.yaml", "cluster/README.md",
             "cluster/local_two_node.sh"} <= where
     assert any(job == "distill" for w, job, _ in COMMANDS if w.startswith("cluster/kuberay/rayjob-distill.yaml"))
 
