@@ -34,10 +34,19 @@ class ImportConfig:
     seed: int = field(0, help="synthetic: random seed")
     rows_per_shard: int = field(1_000_000, help="synthetic: rows per Parquet file (and per "
                                                 "generation step, which bounds memory)")
+    overwrite: bool = field(False, help="replace the Parquet files already in --output "
+                                        "(refused otherwise: prepare would read old and new)")
 
 
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     cfg = parse_config(ImportConfig, __doc__, argv)
+    old = sorted(pathlib.Path(cfg.output).glob("*.parquet"))
+    if old and not cfg.overwrite:
+        sys.exit(f"import_data: {cfg.output} already holds {len(old)} Parquet file(s) "
+                 f"({old[0].name}, ...); prepare reads every one, so use an empty directory "
+                 "or --overwrite")
+    for path in old:
+        path.unlink()
     if cfg.dataset == "ml-1m":
         paths = [importers.movielens_1m(cfg.output)]
     elif cfg.dataset == "ml-100k":

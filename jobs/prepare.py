@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> dict:
         init_local_ray()
         stats = run_prepare(config, schema)
     except (LogError, FileExistsError) as e:
-        sys.exit(f"prepare: {e}")
+        # A LogError raised in a Ray task arrives as RayTaskError(LogError), whose text is
+        # the remote traceback; the message is its cause's.
+        sys.exit(f"prepare: {getattr(e, 'cause', None) or e}")
     summary = {k: stats[k] for k in ("input_rows", "rejected", "duplicates_removed",
                                      "filtered_out", "truncated", "users", "items",
                                      "interactions", "seconds")}

@@ -95,13 +95,17 @@ def amazon_2018(inputs: list[str | Path], out_dir: str | Path, block_bytes: int 
 
     Read as a stream of blocks, so memory stays at a block however big the file; fields
     other than reviewerID, asin, overall and unixReviewTime are ignored."""
+    sources = [Path(p) for p in inputs]
+    dests = [Path(out_dir) / (src.name.split(".")[0] + ".parquet") for src in sources]
+    for i, dest in enumerate(dests):
+        if dest in dests[:i]:
+            raise ValueError(f"{sources[dests.index(dest)]} and {sources[i]} would both be "
+                             f"written to {dest}; import them into separate directories")
     written = []
-    for src in map(Path, inputs):
+    for src, dest in zip(sources, dests):
         if not src.is_file():
             raise FileNotFoundError(f"{src}: no such file")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        dest = out / (src.name.split(".")[0] + ".parquet")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         schema = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                             ("rating", pa.float32()), ("timestamp", pa.int64())])
         partial = dest.with_name(dest.name + ".partial")

@@ -66,19 +66,24 @@ class LogSchema:
 
 
 def resolve_inputs(spec: str | os.PathLike | list[str]) -> list[str]:
-    """Expand a Parquet file, a directory (searched recursively for *.parquet) or a glob,
-    or a list of those, into a sorted list of files."""
+    """Expand a Parquet file, a directory (searched recursively for *.parquet, skipping
+    hidden and `_`-prefixed folders and files such as Spark's _temporary/ or a killed
+    prepare's .tmp directory) or a glob, or a list of those, into a sorted list of
+    absolute paths (tasks on other nodes read them; a relative path means another folder
+    there)."""
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     files: list[str] = []
     for one in specs:
         one = str(one)
+        check_local_path(one)
         if glob.has_magic(one):
             matched = sorted(p for p in glob.glob(one, recursive=True) if os.path.isfile(p))
             if not matched:
                 raise LogError(f"{one}: the glob matches no files")
             files.extend(matched)
         elif os.path.isdir(one):
-            matched = sorted(str(p) for p in Path(one).rglob("*.parquet") if p.is_file())
+            matched = sorted(str(p) for p in Path(one).rglob("*.parquet") if p.is_file()
+                             and not _is_hidden(p.relative_to(one)))
             if not matched:
                 raise LogError(f"{one}: directory holds no *.parquet files")
             files.extend(matched)
@@ -86,13 +91,32 @@ def resolve_inputs(spec: str | os.PathLike | list[str]) -> list[str]:
             files.append(one)
         else:
             raise LogError(f"{one}: no such file or directory")
-    return sorted(dict.fromkeys(files))
+    return sorted(dict.fromkeys(os.path.abspath(f) for f in files))
+
+
+def check_local_path(path: str) -> None:
+    """Refuse a URI: every stage reads and writes through the filesystem, so remote
+    storage must be mounted (s3fs, NFS, a CSI volume) on every node."""
+    if "://" in path:
+        raise LogError(f"{path}: URIs are not supported; mount the storage on every node "
+                       "and pass its local path")
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.parts)
 
 
 def _is_id_type(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         return _is_id_type(t.value_type)
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _typed(t: pa.DataType) -> bool:
+    """False for Parquet's null type: a column with no values at all (an empty pandas
+    shard, or every cell null), which says nothing about the column's kind; its rows are
+    rejected as null rows like any other null cell."""
+    return not pa.types.is_null(t)
 
 
 def _id_kind(t: pa.DataType) -> str:
@@ -130,15 +154,15 @@ def _check_file(path: str, schema: pa.Schema, names: ColumnNames, with_rating: b
                        "/--rating-column)")
     for col in (names.user, names.item):
         t = schema.field(col).type
-        if not _is_id_type(t):
+        if _typed(t) and not _is_id_type(t):
             raise LogError(f"{path}: column {col!r} has type {t}; ids must be integers or strings")
     t = schema.field(names.timestamp).type
-    if not (pa.types.is_integer(t) or pa.types.is_timestamp(t)):
+    if _typed(t) and not (pa.types.is_integer(t) or pa.types.is_timestamp(t)):
         raise LogError(f"{path}: column {names.timestamp!r} has type {t}; timestamps must be "
                        "integers (e.g. unix seconds) or Parquet timestamps")
     if with_rating:
         t = schema.field(names.rating).type
-        if not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+        if _typed(t) and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
             raise LogError(f"{path}: column {names.rating!r} has type {t}; a rating must be numeric")
 
 
@@ -155,12 +179,17 @@ def validate(files: list[str], names: ColumnNames, with_rating: bool,
     first_kinds: dict[str, tuple[str, str]] = {}
     for path, (schema, _) in zip(files, footers):
         _check_file(path, schema, names, with_rating)
-        for col in (names.user, names.item):
-            kind = _id_kind(schema.field(col).type)
+        kinds = {col: f"{_id_kind(schema.field(col).type)} ids" for col in (names.user, names.item)
+                 if _typed(schema.field(col).type)}
+        if _typed(schema.field(names.timestamp).type):
+            # Timestamps of different units (or integers beside Parquet timestamps) would
+            # compare as numbers of different scales and misorder every user's items.
+            kinds[names.timestamp] = _time_kind(schema.field(names.timestamp).type)
+        for col, kind in kinds.items():
             seen = first_kinds.setdefault(col, (kind, path))
             if seen[0] != kind:
-                raise LogError(f"{path}: column {col!r} holds {kind} ids but {seen[1]} holds "
-                               f"{seen[0]} ids; all files must use one kind")
+                raise LogError(f"{path}: column {col!r} holds {kind} but {seen[1]} holds "
+                               f"{seen[0]}; all files must use one kind")
     num_rows = sum(sum(rgs) for _, rgs in footers)
     if num_rows == 0:
         raise LogError(f"input is empty: {len(files)} file(s), 0 rows (first: {files[0]})")
@@ -189,10 +218,14 @@ def read_units(schema: LogSchema, rows_per_unit: int) -> list[dict]:
     return units
 
 
+def _time_kind(t: pa.DataType) -> str:
+    return f"timestamps in {t.unit}" if pa.types.is_timestamp(t) else "integer timestamps"
+
+
 def _widest(types: list[pa.DataType]) -> pa.DataType:
     """One output type for an id column: the files' integer type when they agree,
-    int64 when integer widths differ, string for string ids."""
-    out = {_output_id_type(t) for t in types}
+    int64 when integer widths differ (or no file has a value), string for string ids."""
+    out = {_output_id_type(t) for t in types if _typed(t)}
     return out.pop() if len(out) == 1 else pa.int64()
 
 

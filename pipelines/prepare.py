@@ -47,8 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import prepare_kernels as kernels
-from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, read_units,
-                            resolve_inputs, validate)
+from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, check_local_path,
+                            read_units, resolve_inputs, validate)
 from pipelines.prepare_sink import ScatterByUserSink, partition_dir
 from pipelines.prepared import ITEM_INDEX_ORDER, ITEMS_DIR, SEQUENCES_DIR, STATS_FILE
 from slmrec.config import field
@@ -95,6 +95,11 @@ class PrepareConfig:
             raise ValueError(f"--tie-order must be one of {kernels.TIE_ORDERS}, got {self.tie_order!r}")
         if self.num_partitions < 0:
             raise ValueError(f"--num-partitions must be >= 0, got {self.num_partitions}")
+        columns = [self.user_column, self.item_column, self.timestamp_column] + (
+            [self.rating_column] if self.min_rating is not None else [])
+        if len(set(columns)) < len(columns):
+            raise ValueError(f"the user, item, timestamp (and rating) columns must be distinct, "
+                             f"got {columns}")
 
     @property
     def columns(self) -> ColumnNames:
@@ -104,11 +109,18 @@ class PrepareConfig:
 def preflight(config: PrepareConfig) -> LogSchema:
     """Everything that can be checked before Ray starts: the input files and their
     footers, and an output that would be clobbered. Raises LogError / FileExistsError."""
+    for path in (config.output, config.scratch_dir):
+        if path:
+            check_local_path(path)
     files = resolve_inputs(config.input)
     schema = validate(files, config.columns, with_rating=config.min_rating is not None)
-    out = Path(config.output)
+    out = Path(config.output).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not config.overwrite:
         raise FileExistsError(f"{out}: output exists and is not an empty directory (use --overwrite)")
+    inside = [f for f in files if Path(f).is_relative_to(out)]
+    if inside:
+        raise LogError(f"{inside[0]}: an input file lies inside the output directory {out}, "
+                       "which the run replaces")
     return schema
 
 
@@ -116,10 +128,12 @@ def run_prepare(config: PrepareConfig, schema: LogSchema | None = None) -> dict[
     """Run the stage on the connected Ray cluster; return the stats written to stats.json.
     `schema` is preflight's result when the caller already ran it."""
     schema = schema or preflight(config)
-    out = Path(config.output)
+    # Absolute: the tasks that write these may run on other nodes, in other folders.
+    out = Path(config.output).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    scratch = Path(config.scratch_dir) / tmp.name if config.scratch_dir else tmp / "_scratch"
+    scratch = (Path(config.scratch_dir).absolute() / tmp.name if config.scratch_dir
+               else tmp / "_scratch")
     try:
         stats = _run(config, schema, tmp, scratch)
         shutil.rmtree(scratch, ignore_errors=True)
@@ -181,8 +195,11 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     # 2. Deduplicate each partition (keep the earliest occurrence of each user-item pair).
     t = time.perf_counter()
     dedup = ray.remote(kernels.dedup).options(**task)
-    dedup_rows = ray.get([dedup.remote(str(partition_dir(scratch / "parts", p) / "*.parquet"),
-                                       base[p], settings) for p in live])
+    read_written = ray.get([dedup.remote(str(partition_dir(scratch / "parts", p) / "*.parquet"),
+                                         base[p], settings) for p in live])
+    check_partitions_read(scratch / "parts", live, [read for read, _ in read_written],
+                          scatter.per_partition)
+    dedup_rows = [written for _, written in read_written]
     rows_valid = sum(scatter.per_partition)
     duplicates_removed = rows_valid - sum(dedup_rows)
     timings["dedup_s"] = time.perf_counter() - t
@@ -244,6 +261,18 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
                            f"pass kept {kcore_rows} k-core rows")
     (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def check_partitions_read(root: Path, live: list[int], reads: list[int],
+                          written: list[int]) -> None:
+    """Each partition task must read every row the scatter wrote to its partition: rows it
+    cannot see would otherwise pass as duplicates and the accounting would still add up."""
+    for p, read in zip(live, reads):
+        if read != written[p]:
+            raise RuntimeError(
+                f"partition {p}: the scatter wrote {written[p]} rows under "
+                f"{partition_dir(root, p)} but its deduplication task read {read}; the scratch "
+                "directory must be on storage every node shares (--scratch-dir, --output)")
 
 
 def kcore_items(count_round: Callable[[pa.Table | None], pa.Table],

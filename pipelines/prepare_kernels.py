@@ -10,8 +10,12 @@ tested directly and wrapped as Ray tasks by the orchestrator.
 """
 from __future__ import annotations
 
+import shutil
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import duckdb
 import numpy as np
@@ -50,14 +54,25 @@ class KernelSettings:
     spill_dir: str | None = None
 
 
-def connect(settings: KernelSettings) -> duckdb.DuckDBPyConnection:
+@contextmanager
+def connection(settings: KernelSettings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection under `settings`, spilling to a directory of its own: tasks of
+    every node share --scratch-dir, and DuckDB names its spill files by process id (1.x:
+    by nothing at all), which is unique on one machine only."""
     config = {"threads": settings.threads, "memory_limit": f"{settings.memory_limit_mb}MB",
               # Deterministic results do not need insertion order; dropping it saves memory.
               "preserve_insertion_order": False}
-    if settings.spill_dir:
-        Path(settings.spill_dir).mkdir(parents=True, exist_ok=True)
-        config["temp_directory"] = settings.spill_dir
-    return duckdb.connect(config=config)
+    spill = Path(settings.spill_dir) / uuid.uuid4().hex if settings.spill_dir else None
+    if spill:
+        spill.mkdir(parents=True)
+        config["temp_directory"] = str(spill)
+    con = duckdb.connect(config=config)
+    try:
+        yield con
+    finally:
+        con.close()
+        if spill:
+            shutil.rmtree(spill, ignore_errors=True)
 
 
 def _literal(path: str) -> str:
@@ -68,18 +83,19 @@ def _scan(path: str) -> str:
     return f"read_parquet({_literal(path)}, hive_partitioning = false)"
 
 
-def dedup(partition_glob: str, base_path: str, settings: KernelSettings) -> int:
+def dedup(partition_glob: str, base_path: str, settings: KernelSettings) -> tuple[int, int]:
     """Keep each (user, item) pair once, with its earliest timestamp; write the result to
-    `base_path` and return its row count. Only the three key columns survive."""
-    con = connect(settings)
-    try:
-        (rows,) = con.execute(
+    `base_path`. Returns (rows read, rows written): the caller checks the first against the
+    rows the scatter wrote, so a scratch file this task cannot see (storage that is not
+    shared, a lagging network filesystem) fails the run instead of passing as duplicates.
+    Only the three key columns survive."""
+    with connection(settings) as con:
+        (read,) = con.execute(f"SELECT count(*) FROM {_scan(partition_glob)}").fetchone()
+        (written,) = con.execute(
             f"COPY (SELECT user_id, item_id, min(timestamp) AS timestamp "
             f"FROM {_scan(partition_glob)} GROUP BY user_id, item_id) "
             f"TO {_literal(base_path)} (FORMAT parquet, COMPRESSION lz4)").fetchone()
-        return int(rows)
-    finally:
-        con.close()
+    return int(read), int(written)
 
 
 def item_counts(base_path: str, keep_items: pa.Table | None, min_user: int,
@@ -90,15 +106,12 @@ def item_counts(base_path: str, keep_items: pa.Table | None, min_user: int,
     The state is recomputed from the deduplicated base each round instead of being
     rewritten: item removals only shrink user counts, so "filter items, then drop small
     users" from the base gives the same rows as applying every earlier round in turn."""
-    con = connect(settings)
-    try:
+    with connection(settings) as con:
         return con.sql(
             f"WITH s AS ({_state_rows(base_path, keep_items, con)}), "
             "u AS (SELECT user_id FROM s GROUP BY user_id HAVING count(*) >= $min_user) "
             "SELECT item_id, count(*)::BIGINT AS count FROM s SEMI JOIN u USING (user_id) "
             "GROUP BY item_id", params={"min_user": min_user}).to_arrow_table()
-    finally:
-        con.close()
 
 
 def _state_rows(base_path: str, keep_items: pa.Table | None,
@@ -128,15 +141,12 @@ def sequences(base_path: str, vocab: pa.Table, min_user: int, keep_last: int,
     by user, then within the user; cutting and list-building are then array arithmetic on
     user run boundaries (measured ~2x faster here than DuckDB's ordered list aggregate
     or a row_number window)."""
-    con = connect(settings)
-    try:
+    with connection(settings) as con:
         con.register("vocab", vocab)
         rows = con.sql(
             f"SELECT b.user_id, b.timestamp, v.item_index FROM {_scan(base_path)} b "
             f"JOIN vocab v USING (item_id) ORDER BY b.user_id, {order_within_user(tie_order, 'b')}"
         ).to_arrow_table()
-    finally:
-        con.close()
     users = rows["user_id"].combine_chunks()
     n = len(users)
     first = np.ones(n, dtype=bool)

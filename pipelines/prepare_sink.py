@@ -102,7 +102,7 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
                 for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
                     for batch in self._batches(unit["path"], unit["row_groups"]):
                         counts.rows += batch.num_rows
-                        kept, rejected = reject_rows(normalize(batch, self.names, self.schema),
+                        kept, rejected = reject_rows(self._normalize(batch, unit["path"]),
                                                      self.min_rating)
                         for k, v in rejected.items():
                             counts.rejected[k] += v
@@ -126,6 +126,14 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise LogError(f"{path}: cannot read row groups {row_groups} ({e})") from e
+
+    def _normalize(self, batch: pa.Table, path: str) -> pa.Table:
+        try:
+            return normalize(batch, self.names, self.schema)
+        except pa.ArrowInvalid as e:
+            # uint64 ids of 2^63 and above: the footers cannot tell, the cast can.
+            raise LogError(f"{path}: {e}; integer ids must fit in int64 (store larger ones, "
+                           "e.g. 64-bit hashes, as strings)") from e
 
     def _scatter(self, table: pa.Table, writers: dict[int, tuple[pq.ParquetWriter, Path]],
                  tmp_name: str, counts: ScatterCounts) -> None:

@@ -65,3 +65,25 @@ def test_amazon_2018_bad_file_names_it_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.json: not Amazon 2018 JSON lines"):
         importers.amazon_2018([src], tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_amazon_2018_refuses_two_inputs_with_one_output_name(tmp_path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "Books.json").write_text("")
+    with pytest.raises(ValueError, match=r"a/Books\.json and .*b/Books\.json would both be written"):
+        importers.amazon_2018([tmp_path / "a" / "Books.json", tmp_path / "b" / "Books.json"],
+                              tmp_path / "out")
+
+
+def test_import_refuses_an_output_that_holds_parquet_files_unless_overwritten(tmp_path):
+    from jobs import import_data
+
+    argv = ["--dataset", "synthetic", "--rows", "300", "--rows-per-shard", "100",
+            "--output", str(tmp_path)]
+    assert len(import_data.main(argv)) == 3
+    with pytest.raises(SystemExit, match="already holds 3 Parquet file"):
+        import_data.main([*argv[:3], "100", *argv[4:]])
+    # A smaller log replaces every old shard: none is left for prepare to read twice.
+    assert len(import_data.main([*argv[:3], "100", *argv[4:], "--overwrite"])) == 1
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["shard-00000.parquet"]

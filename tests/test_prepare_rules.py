@@ -13,8 +13,8 @@ import pytest
 from pipelines import prepare_kernels as kernels
 from pipelines.logs import (ColumnNames, LogError, LogSchema, normalize, read_units, reject_rows,
                             resolve_inputs, validate)
-from pipelines.prepare import (PrepareConfig, check_identity, item_vocabulary, kcore_items,
-                               run_prepare)
+from pipelines.prepare import (PrepareConfig, check_identity, check_partitions_read,
+                               item_vocabulary, kcore_items, preflight, run_prepare)
 from pipelines.prepare_reference import prepare_with_duckdb
 
 SETTINGS = kernels.KernelSettings(threads=1, memory_limit_mb=256)
@@ -109,6 +109,79 @@ def test_resolve_inputs_file_directory_glob_and_missing(tmp_path):
         resolve_inputs(str(tmp_path / "empty"))
 
 
+def test_resolve_inputs_skips_hidden_and_underscore_folders_and_refuses_uris(tmp_path, monkeypatch):
+    a = write(tmp_path / "d" / "part-0.parquet", x=ints(1))
+    write(tmp_path / "d" / "_temporary" / "0" / "part-0.parquet", x=ints(1))  # Spark, unfinished
+    write(tmp_path / "d" / ".out.tmp-1234" / "_scratch" / "w.parquet", x=ints(1))  # a killed prepare
+    write(tmp_path / "d" / "_SUCCESS.parquet", x=ints(1))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_inputs("d") == [a]  # absolute: tasks on other nodes read it
+    with pytest.raises(LogError, match="s3://bucket/logs: URIs are not supported; mount"):
+        resolve_inputs("s3://bucket/logs")
+
+
+def test_validate_accepts_valueless_columns_and_refuses_mixed_timestamp_units(tmp_path):
+    good = write(tmp_path / "good.parquet", user_id=ints(1), item_id=ints(1), timestamp=ints(1))
+    # An empty pandas shard (and a column with every cell null) has Parquet's null type.
+    empty = write(tmp_path / "empty.parquet", user_id=pa.array([], pa.null()),
+                  item_id=pa.array([], pa.null()), timestamp=pa.array([], pa.null()))
+    nulls = write(tmp_path / "nulls.parquet", user_id=pa.array(["u", "v"]),
+                  item_id=pa.array([None, None], pa.null()), timestamp=ints(1, 2))
+    assert validate([good, empty], ColumnNames(), with_rating=False).num_rows == 1
+    with pytest.raises(LogError, match="holds string ids but .*good.parquet holds integer ids"):
+        validate([good, nulls], ColumnNames(), with_rating=False)
+    kept, counts = reject_rows(normalize(pq.read_table(nulls), ColumnNames(),
+                                         validate([nulls], ColumnNames(), with_rating=False)), None)
+    assert kept.num_rows == 0 and counts["null_item_id"] == 2
+    ms = write(tmp_path / "ms.parquet", user_id=ints(1), item_id=ints(1),
+               timestamp=pa.array([1_600_000_000_000], pa.timestamp("ms")))
+    us = write(tmp_path / "us.parquet", user_id=ints(1), item_id=ints(1),
+               timestamp=pa.array([1_600_000_001_000_000], pa.timestamp("us")))
+    with pytest.raises(LogError, match=r"us\.parquet: column 'timestamp' holds timestamps in us but "
+                                       r".*ms\.parquet holds timestamps in ms"):
+        validate([ms, us], ColumnNames(), with_rating=False)
+    with pytest.raises(LogError, match="holds timestamps in ms but .*good.parquet holds integer"):
+        validate([good, ms], ColumnNames(), with_rating=False)
+
+
+def test_ids_beyond_int64_fail_naming_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.prepare_sink import ScatterByUserSink
+
+    log = write(tmp_path / "hashed.parquet", user_id=pa.array([2**63 + 5], pa.uint64()),
+                item_id=ints(1), timestamp=ints(1))
+    schema = validate([log], ColumnNames(), with_rating=False)
+    sink = ScatterByUserSink(str(tmp_path / "parts"), ColumnNames(), schema, None, 2)
+    sink.on_write_start()
+    with pytest.raises(LogError, match=r"hashed\.parquet: .*integer ids must fit in int64"):
+        sink.write([pa.table({"path": [log], "row_groups": [[0]]})], SimpleNamespace(task_idx=0))
+
+
+def test_preflight_refuses_uris_and_an_input_inside_the_output(tmp_path):
+    log = write(tmp_path / "out" / "log.parquet", user_id=ints(1), item_id=ints(1), timestamp=ints(1))
+    with pytest.raises(LogError, match="inside the output directory"):
+        preflight(PrepareConfig(input=log, output=str(tmp_path / "out"), overwrite=True))
+    with pytest.raises(LogError, match="URIs are not supported"):
+        preflight(PrepareConfig(input=log, output="s3://bucket/prep"))
+
+
+def test_a_partition_task_that_misses_scatter_files_fails_the_run(tmp_path):
+    check_partitions_read(tmp_path, [0, 2], [5, 7], [5, 0, 7])
+    with pytest.raises(RuntimeError, match=r"partition 2: the scatter wrote 7 rows under "
+                                           r".*part-00002 but its deduplication task read 6; .*share"):
+        check_partitions_read(tmp_path, [0, 2], [5, 6], [5, 0, 7])
+
+
+def test_each_duckdb_connection_spills_to_its_own_folder_and_removes_it(tmp_path):
+    settings = kernels.KernelSettings(threads=1, memory_limit_mb=64, spill_dir=str(tmp_path))
+    with kernels.connection(settings) as a, kernels.connection(settings) as b:
+        dirs = {a.execute("SELECT current_setting('temp_directory')").fetchone()[0],
+                b.execute("SELECT current_setting('temp_directory')").fetchone()[0]}
+        assert len(dirs) == 2 and all(Path(d).parent == tmp_path for d in dirs)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_read_units_split_big_files_by_row_groups(tmp_path):
     f = tmp_path / "rg.parquet"
     pq.write_table(pa.table({"user_id": ints(*range(10)), "item_id": ints(*range(10)),
@@ -134,8 +207,8 @@ def test_dedup_keeps_earliest_occurrence(tmp_path):
     write(tmp_path / "p" / "a.parquet", user_id=ints(1, 1, 1, 2), item_id=ints(5, 5, 6, 5),
           timestamp=ints(30, 10, 20, 40))
     write(tmp_path / "p" / "b.parquet", user_id=ints(1), item_id=ints(5), timestamp=ints(10))
-    rows = kernels.dedup(str(tmp_path / "p" / "*.parquet"), str(tmp_path / "base.parquet"), SETTINGS)
-    assert rows == 3
+    assert kernels.dedup(str(tmp_path / "p" / "*.parquet"), str(tmp_path / "base.parquet"),
+                         SETTINGS) == (5, 3)
     got = pq.read_table(tmp_path / "base.parquet").sort_by([("user_id", "ascending"), ("item_id", "ascending")])
     assert got.to_pylist() == [{"user_id": 1, "item_id": 5, "timestamp": 10},
                                {"user_id": 1, "item_id": 6, "timestamp": 20},
@@ -257,6 +330,8 @@ def test_identity_holds_and_its_check_catches_a_lost_row():
 def test_config_rejects_nonsense_settings():
     with pytest.raises(ValueError, match="--max-len must be >= 1"):
         PrepareConfig(input="x", output="y", max_len=0)
+    with pytest.raises(ValueError, match="columns must be distinct, got \\['ts', 'item_id', 'ts'\\]"):
+        PrepareConfig(input="x", output="y", user_column="ts", timestamp_column="ts")
 
 
 # ---- the streaming scatter: retries are idempotent ----
@@ -281,7 +356,8 @@ def test_scatter_retry_replaces_its_files_and_leftovers_are_ignored(tmp_path):
     assert sum(again.per_partition) == 4
     files = sorted(p.name for p in Path(sink.root).rglob("*.parquet"))
     assert files == ["w000007.parquet"] * sum(1 for n in again.per_partition if n)
-    rows = sum(kernels.dedup(str(partition_dir(sink.root, p) / "*.parquet"),
-                             str(tmp_path / f"base{p}.parquet"), SETTINGS)
-               for p in range(2) if again.per_partition[p])
-    assert rows == 4
+    read_written = [kernels.dedup(str(partition_dir(sink.root, p) / "*.parquet"),
+                                  str(tmp_path / f"base{p}.parquet"), SETTINGS)
+                    for p in range(2) if again.per_partition[p]]
+    assert [read for read, _ in read_written] == [n for n in again.per_partition if n]
+    assert sum(written for _, written in read_written) == 4
