@@ -8,8 +8,10 @@ student's intermediate blocks (+ kd_weight * T^2 * KL of the teacher's logits, o
 addition, off by default). Every term is logged separately.
 
 Submit to a running cluster (or use `python` alone for a local run):
-    ray job submit --working-dir . -- python jobs/distill.py --data out/ml-1m \\
-        --teacher runs/teacher --student-layers 4 --output runs/student
+    ray job submit --working-dir . -- python jobs/distill.py --data /mnt/shared/ml-1m \\
+        --teacher /mnt/shared/runs/teacher --student-layers 4 --output /mnt/shared/runs/student
+(a submitted job runs in an uploaded copy of the repository: give it absolute paths on
+storage every node sees)
 Without --teacher the teacher is trained first (jobs/train_teacher.py, same backbone
 flags) into OUTPUT/teacher:
     python jobs/distill.py --data out/ml-1m --output runs/kd --backbone scratch \\

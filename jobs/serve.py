@@ -100,7 +100,8 @@ class ServeConfig:
 def model_specs(config: ServeConfig) -> dict[str, tuple[str, bool]]:
     """Model id -> (checkpoint path, int8), in the order given (first = default)."""
     specs: dict[str, tuple[str, bool]] = {}
-    for spec in config.model:
+    # A Serve config file's `model: NAME=PATH` (a scalar, not a list) is one model.
+    for spec in [config.model] if isinstance(config.model, str) else config.model:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name, spec
@@ -243,7 +244,8 @@ class RecommenderService:
         model_id, loc = body.model, ["body", "model"]
         if model_id is None:
             model_id, loc = request.headers.get(MODEL_HEADER), ["header", MODEL_HEADER]
-        model_id = model_id or self.default_model
+        if model_id is None:
+            model_id = self.default_model
         if model_id not in self.specs:
             raise field_error(404, loc, f"unknown model {model_id!r}; available: {list(self.specs)}")
         recommender = await self.get_model(model_id)

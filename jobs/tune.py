@@ -24,6 +24,7 @@ trials are kept, unfinished ones continue from their last epoch checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,8 @@ class TuneConfig(DataFlags, TrainFlags):
     warmup_steps: int = field(50, help="linear warm-up steps before cosine decay")
     grace_period: int = field(1, help="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: int = field(2, help="ASHA: keep the top 1/factor of trials at each rung")
-    max_concurrent: int = field(0, help="trials at once (0: as many as the cluster's CPUs/GPUs fit, see "
-                                        "--trial-cpus and --data-cpus)")
+    max_concurrent: int = field(0, help="trials at once (0: as many as the cluster's CPUs/GPUs fit now, see "
+                                        "--trial-cpus and --data-cpus; set it on an autoscaling cluster)")
     trial_cpus: float = field(0.0, help="CPUs reserved for each trial's driver process (it only launches the "
                                         "TorchTrainer and times the student)")
     trial_memory_gb: float = field(0.5, help="memory reserved for each trial's driver process (it builds the "
@@ -80,6 +81,9 @@ class TuneConfig(DataFlags, TrainFlags):
     tolerance: float = field(0.0, help="winner: the shallowest student within this much validation NDCG@10 "
                                        "of the best feasible one")
     tune_max_failures: int = field(0, help="times Tune restarts a failed trial")
+    retry_errored: bool = field(False, help="on a rerun of an existing sweep, run its errored trials again "
+                                            "(off: a rerun resumes interrupted trials only, so rerunning a "
+                                            "finished sweep to re-pick the winner trains nothing)")
 
 
 def _ranges(config: TuneConfig):
@@ -137,10 +141,14 @@ def check_config(config: TuneConfig, teacher_layers: int) -> None:
     if config.latency_batch < 1 or config.latency_threads < 1:
         raise SystemExit(f"--latency-batch and --latency-threads must be >= 1, got {config.latency_batch} "
                          f"and {config.latency_threads}")
-    if config.tolerance < 0:
-        raise SystemExit(f"--tolerance must be >= 0, got {config.tolerance}")
-    if config.max_latency_ms is not None and config.max_latency_ms <= 0:
-        raise SystemExit(f"--max-latency-ms must be > 0, got {config.max_latency_ms}")
+    if not (math.isfinite(config.tolerance) and config.tolerance >= 0):
+        raise SystemExit(f"--tolerance must be a number >= 0, got {config.tolerance}")
+    if config.max_latency_ms is not None and not (math.isfinite(config.max_latency_ms)
+                                                  and config.max_latency_ms > 0):
+        raise SystemExit(f"--max-latency-ms must be a number > 0, got {config.max_latency_ms}")
+    for flag in ("max_concurrent", "trial_cpus", "trial_memory_gb", "data_cpus"):
+        if not getattr(config, flag) >= 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(config, flag)}")
     if config.grace_period < 1 or config.grace_period > config.epochs or config.reduction_factor < 2:
         raise SystemExit(f"ASHA needs 1 <= --grace-period <= --epochs and --reduction-factor >= 2, got "
                          f"{config.grace_period}, {config.epochs}, {config.reduction_factor}")
@@ -158,9 +166,9 @@ def _base_settings(config: TuneConfig) -> dict:
 
 
 # Settings a finished or interrupted sweep may be rerun with changed: they only choose the
-# winner among trials already run. Everything else must match, or the resumed sweep
-# would silently mix trials of two different searches.
-RESELECTABLE = ("max_latency_ms", "tolerance")
+# winner among trials already run, or whether errored ones run again. Everything else must
+# match, or the resumed sweep would silently mix trials of two different searches.
+RESELECTABLE = ("max_latency_ms", "tolerance", "retry_errored")
 
 
 def check_same_sweep(config: TuneConfig, settings_file: Path) -> None:
@@ -185,8 +193,11 @@ def _concurrency(config: TuneConfig) -> int:
     if config.max_concurrent > 0:
         return config.max_concurrent
     resources = ray.cluster_resources()
-    return max_concurrent_trials(resources.get("CPU", 0), resources.get("GPU", 0), config.num_workers,
-                                 config.cpus_per_worker, config.use_gpu, config.trial_cpus, config.data_cpus)
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    print(f"[tune] sizing the sweep from the cluster as it is now ({cpus:g} CPUs, {gpus:g} GPUs); "
+          "on an autoscaling cluster set --max-concurrent, which lets it grow", flush=True)
+    return max_concurrent_trials(cpus, gpus, config.num_workers, config.cpus_per_worker, config.use_gpu,
+                                 config.trial_cpus, config.data_cpus)
 
 
 def _tuner(config: TuneConfig, trainable, storage: str, name: str, trials_dir: Path):
@@ -200,7 +211,7 @@ def _tuner(config: TuneConfig, trainable, storage: str, name: str, trials_dir: P
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
         print(f"[tune] resuming sweep {path}", flush=True)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=config.retry_errored)
     lr, weights = _ranges(config)
     concurrency = _concurrency(config)
     print(f"[tune] {config.num_samples} trials, {concurrency} at a time", flush=True)
@@ -270,6 +281,8 @@ def run(config: TuneConfig) -> Path:
     name = config.name or output.name
     storage = config.storage_path or str(output / "ray")
     if "://" not in storage:
+        # Absolute, as Ray Train's storage: Tune runs each trial in a folder of its own.
+        storage = str(Path(storage).resolve())
         Path(storage).mkdir(parents=True, exist_ok=True)
     trials_dir = output / "trials"
     settings_file = output / f"sweep-{name}.json"

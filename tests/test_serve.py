@@ -176,6 +176,9 @@ def test_unknown_model_in_header_is_a_404(server):
     response = post(server, {"requests": [{"user_id": "u1"}]}, headers={MODEL_HEADER: "zzz"})
     assert response.status_code == 404 and "zzz" in response.text
     assert _error_locs(response) == [["header", MODEL_HEADER]]
+    # An empty id names no model: 404, not a silent fall-back to the default.
+    response = post(server, {"requests": [{"user_id": "u1"}], "model": ""})
+    assert response.status_code == 404 and _error_locs(response) == [["body", "model"]]
 
 
 def test_serve_config_file_deploys_this_app():
@@ -215,6 +218,8 @@ def test_repeated_model_flags_are_all_kept():
     specs = model_specs(parse_config(ServeConfig, "", argv))
     assert specs == {"a": ("/x", False), "a-int8": ("/x", True),
                      "b": ("/y/b", False), "b-int8": ("/y/b", True)}
+    # A Serve config file may give one model as a scalar (was: read letter by letter).
+    assert model_specs(ServeConfig(model="a=/x", data="d")) == {"a": ("/x", False)}
 
 
 def test_cli_refuses_a_missing_model_or_a_vocabulary_mismatch_before_starting(tmp_path):

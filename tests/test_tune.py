@@ -93,9 +93,39 @@ def test_frozen_cluster_sweep_config_is_valid():
     config = parse_config(TuneConfig, "", ["--config", str(ROOT / "cluster/tune_example.yaml")])
     check_config(config, teacher_layers=8)
     assert config.student_layers == [1, 2, 3, 4, 6] and config.use_gpu
-    # 8 GPUs and 64 CPUs: one single-GPU trial per GPU.
+    # 8 GPUs and 64 CPUs: one single-GPU trial per GPU, set explicitly since aws.yaml's GPU
+    # workers start at 0 (sized from the resources at start, the sweep would run 1 at a time).
+    assert config.max_concurrent == 8
     assert max_concurrent_trials(64, 8, config.num_workers, config.cpus_per_worker, config.use_gpu,
                                  config.trial_cpus, config.data_cpus) == 8
+
+
+@pytest.mark.parametrize("flags,problem", [
+    (["--tolerance", "nan"], "--tolerance must be a number >= 0, got nan"),
+    (["--max-latency-ms", "nan"], "--max-latency-ms must be a number > 0, got nan"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be >= 0, got -1"),
+    (["--data-cpus", "-2"], "--data-cpus must be >= 0, got -2.0"),
+    (["--trial-memory-gb", "-1"], "--trial-memory-gb must be >= 0, got -1.0"),
+])
+def test_sweep_refuses_settings_that_would_fail_only_after_the_sweep(flags, problem):
+    from jobs.tune import check_config
+    from slmrec.config import parse_config
+
+    config = parse_config(TuneConfig, "", ["--config", str(ROOT / "cluster/tune_example.yaml"), *flags])
+    with pytest.raises(SystemExit, match=problem):
+        check_config(config, teacher_layers=8)
+
+
+def test_latency_is_timed_on_the_merged_model_serving_runs():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from jobs.common.tune_trial import time_student
+    from tests.tiny_serving import tiny_model
+
+    student = tiny_model(lora="on")
+    row = time_student(student, seq_len=8, batch_size=2, threads=1, repeats=2)
+    assert row["latency_ms"] > 0 and (row["latency_batch"], row["latency_threads"]) == (2, 1)
+    assert not any(isinstance(m, BaseTunerLayer) for m in student.modules())
 
 
 def test_sweep_refuses_training_on_validation_targets():

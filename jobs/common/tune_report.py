@@ -141,7 +141,9 @@ def write_winner(output: Path, row: dict[str, Any], rule: str, data: str, extra:
         "valid_NDCG@10": row["valid_NDCG@10"], "latency_ms": row["latency_ms"], "latency_batch": row["latency_batch"],
         "trial_latency_ms": row["trial_latency_ms"],
         **{key: row[key] for key in TEST_KEYS}, "status": row["status"], **extra})
-    atomic_write_text(output / "serve.yaml", yaml.safe_dump({"model": [f"winner={row['checkpoint']}"], "data": data}))
+    # Absolute, as the model path: the file is used from any folder.
+    serve = {"model": [f"winner={row['checkpoint']}"], "data": str(Path(data).resolve())}
+    atomic_write_text(output / "serve.yaml", yaml.safe_dump(serve))
 
 
 def remove_winner(output: Path) -> None:

@@ -115,11 +115,15 @@ def time_student(student, seq_len: int, batch_size: int, threads: int, repeats: 
     The thread count is fixed because torch's default (all cores, or what Ray's
     OMP_NUM_THREADS says for the process) differs between a trial and the driver, and
     on a busy machine more threads can be many times slower (measured here, 2 cores at
-    load ~50-60: the same 2-layer student took 214 ms with 2 threads, 17 ms with 1)."""
+    load ~50-60: the same 2-layer student took 214 ms with 2 threads, 17 ms with 1).
+    LoRA adapters are merged into `student` first (it is changed in place), as serving
+    merges them: unmerged, every adapted projection costs two extra matmuls."""
     import torch
 
+    from slmrec.backbones import merge_lora
     from slmrec.speed import measure_inference
 
+    merge_lora(student)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -136,7 +140,8 @@ def measure_latency(task_args: dict, seq_len: int, batch_size: int, threads: int
     from jobs.distill import build_task
 
     student = build_task(task_args).model
-    return {**time_student(student, seq_len, batch_size, threads), "params_total": student.parameter_counts()["total"]}
+    params = student.parameter_counts()["total"]  # before timing merges the adapters away
+    return {**time_student(student, seq_len, batch_size, threads), "params_total": params}
 
 
 def run_trial(sample: dict[str, Any], *, base: dict[str, Any], teacher_dir: str, teacher_layers: int,
