@@ -201,20 +201,26 @@ def validate(files: list[str], names: ColumnNames, with_rating: bool,
 
 
 def read_units(schema: LogSchema, rows_per_unit: int) -> list[dict]:
-    """Split the input into units of whole row groups of about `rows_per_unit` rows: the
-    unit of parallel reading (a big file becomes several units, small files stay one)."""
-    units = []
+    """Pack the input into units of whole row groups of about `rows_per_unit` rows, the
+    unit of parallel reading: a big file becomes several units, and small files share one
+    (each unit is one write task, and each task writes a file per partition it touches,
+    so 10,000 small files must not become 10,000 tasks). A unit is {"pieces": [{"path",
+    "row_groups"}, ...]}, its pieces in file order."""
+    units: list[dict] = []
+    pieces: list[dict] = []
+    rows = 0
     for path, rgs in zip(schema.files, schema.row_group_rows):
-        current: list[int] = []
-        rows = 0
         for i, n in enumerate(rgs):
-            if current and rows + n > rows_per_unit:
-                units.append({"path": path, "row_groups": current})
-                current, rows = [], 0
-            current.append(i)
+            if pieces and rows + n > rows_per_unit:
+                units.append({"pieces": pieces})
+                pieces, rows = [], 0
+            if pieces and pieces[-1]["path"] == path:
+                pieces[-1]["row_groups"].append(i)
+            else:
+                pieces.append({"path": path, "row_groups": [i]})
             rows += n
-        if current and rows:
-            units.append({"path": path, "row_groups": current})
+    if rows:
+        units.append({"pieces": pieces})
     return units
 
 

@@ -87,8 +87,8 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
             partition_dir(self.root, p).mkdir(parents=True, exist_ok=True)
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> ScatterCounts:
-        """Each input row is a read unit (path, row_groups); it is read in batches of
-        `batch_rows`, so a task holds one batch, however big the unit.
+        """Each input row is a read unit (pieces of (path, row_groups)); it is read in
+        batches of `batch_rows`, so a task holds one batch, however big the unit.
 
         Retries are idempotent: files are written under a hidden temporary name (never
         matched by the `*.parquet` readers) and renamed, when the task succeeds, to a name
@@ -100,14 +100,15 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
         try:
             for block in blocks:
                 for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
-                    for batch in self._batches(unit["path"], unit["row_groups"]):
-                        counts.rows += batch.num_rows
-                        kept, rejected = reject_rows(self._normalize(batch, unit["path"]),
-                                                     self.min_rating)
-                        for k, v in rejected.items():
-                            counts.rejected[k] += v
-                        self._scatter(kept.select(["user_id", "item_id", "timestamp"]),
-                                      writers, attempt, counts)
+                    for piece in unit["pieces"]:
+                        for batch in self._batches(piece["path"], piece["row_groups"]):
+                            counts.rows += batch.num_rows
+                            kept, rejected = reject_rows(self._normalize(batch, piece["path"]),
+                                                         self.min_rating)
+                            for k, v in rejected.items():
+                                counts.rejected[k] += v
+                            self._scatter(kept.select(["user_id", "item_id", "timestamp"]),
+                                          writers, attempt, counts)
         except BaseException:
             for writer, tmp in writers.values():
                 writer.close()

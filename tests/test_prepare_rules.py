@@ -155,7 +155,7 @@ def test_ids_beyond_int64_fail_naming_the_file(tmp_path):
     sink = ScatterByUserSink(str(tmp_path / "parts"), ColumnNames(), schema, None, 2)
     sink.on_write_start()
     with pytest.raises(LogError, match=r"hashed\.parquet: .*integer ids must fit in int64"):
-        sink.write([pa.table({"path": [log], "row_groups": [[0]]})], SimpleNamespace(task_idx=0))
+        sink.write([pa.table({"pieces": [[{"path": log, "row_groups": [0]}]]})], SimpleNamespace(task_idx=0))
 
 
 def test_preflight_refuses_uris_and_an_input_inside_the_output(tmp_path):
@@ -188,7 +188,18 @@ def test_read_units_split_big_files_by_row_groups(tmp_path):
                              "timestamp": ints(*range(10))}), f, row_group_size=3)
     schema = validate([str(f)], ColumnNames(), with_rating=False)
     assert schema.row_group_rows == ((3, 3, 3, 1),)
-    assert [u["row_groups"] for u in read_units(schema, rows_per_unit=6)] == [[0, 1], [2, 3]]
+    assert read_units(schema, rows_per_unit=6) == [{"pieces": [{"path": str(f), "row_groups": [0, 1]}]},
+                                                   {"pieces": [{"path": str(f), "row_groups": [2, 3]}]}]
+
+
+def test_read_units_pack_small_files_together(tmp_path):
+    files = [write(tmp_path / f"{i}.parquet", user_id=ints(*range(2)), item_id=ints(1, 2),
+                   timestamp=ints(1, 2)) for i in range(5)]
+    schema = validate(files, ColumnNames(), with_rating=False)
+    units = read_units(schema, rows_per_unit=4)
+    assert [[(Path(p["path"]).name, p["row_groups"]) for p in u["pieces"]] for u in units] == [
+        [("0.parquet", [0]), ("1.parquet", [0])], [("2.parquet", [0]), ("3.parquet", [0])],
+        [("4.parquet", [0])]]
 
 
 def test_existing_output_is_not_overwritten_without_flag(tmp_path):
@@ -346,7 +357,7 @@ def test_scatter_retry_replaces_its_files_and_leftovers_are_ignored(tmp_path):
     schema = validate([log], ColumnNames(), with_rating=False)
     sink = ScatterByUserSink(str(tmp_path / "parts"), ColumnNames(), schema, None, 2)
     sink.on_write_start()
-    unit = pa.table({"path": [log], "row_groups": [[0]]})
+    unit = pa.table({"pieces": [[{"path": log, "row_groups": [0]}]]})
     ctx = SimpleNamespace(task_idx=7)
     first = sink.write([unit], ctx)
     # A killed attempt's unfinished file, then the retry of the same task.
