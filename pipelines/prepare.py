@@ -231,7 +231,8 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     results = ray.get([build.remote(base[p], vocab_ref, config.min_user_interactions,
                                     config.max_len + 2,
                                     str(tmp / SEQUENCES_DIR / f"part-{p:05d}.parquet"),
-                                    schema.user_type, settings, config.tie_order) for p in live])
+                                    schema.user_type, settings, config.tie_order,
+                                    config.read_batch_rows) for p in live])
     timings["sequences_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 

@@ -279,6 +279,28 @@ def test_sequences_order_ties_by_item_id_and_keep_the_most_recent(tmp_path):
     assert pq.read_table(tmp_path / "empty.parquet").schema == got.schema
 
 
+def test_sequences_stream_in_batches_with_users_split_across_them(tmp_path):
+    # 30 users of 1..7 rows: batches of 1, 4 and 5 rows split users (a user's rows then wait
+    # for the next batch); every batch size must give the one-batch result.
+    import random
+
+    rng = random.Random(4)
+    rows = [(u, i, rng.randrange(20)) for u in range(30) for i in rng.sample(range(50), rng.randint(1, 7))]
+    base = write(tmp_path / "base.parquet", user_id=ints(*[r[0] for r in rows]),
+                 item_id=ints(*[r[1] for r in rows]), timestamp=ints(*[r[2] for r in rows]))
+    vocab = pa.table({"item_id": ints(*range(50)), "item_index": pa.array(range(1, 51), pa.int32())})
+    outputs = {}
+    for batch_rows in (1, 4, 5, 10_000):
+        out = tmp_path / f"seq{batch_rows}.parquet"
+        counts = kernels.sequences(base, vocab, 3, 4, str(out), pa.int64(), SETTINGS, batch_rows=batch_rows)
+        outputs[batch_rows] = (counts, pq.read_table(out).to_pylist())
+    assert all(o == outputs[10_000] for o in outputs.values())
+    counts, table = outputs[10_000]
+    lengths = [sum(1 for r in rows if r[0] == u) for u in range(30)]
+    assert counts.users == sum(n >= 3 for n in lengths) == len(table)
+    assert counts.interactions == sum(min(n, 4) for n in lengths if n >= 3)
+
+
 def md5_key(user: str, item: int) -> str:
     return hashlib.md5(f"{user}\x1f{item}".encode()).hexdigest()
 
