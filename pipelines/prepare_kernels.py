@@ -156,16 +156,20 @@ def sequences(base_path: str, vocab: pa.Table, min_user: int, keep_last: int,
             f"SELECT b.user_id, b.timestamp, v.item_index FROM {_scan(base_path)} b "
             f"JOIN vocab v USING (item_id) ORDER BY b.user_id, {order_within_user(tie_order, 'b')}"
         ).to_arrow_reader(batch_size=batch_rows)
-        pending: pa.Table | None = None
+        pending: pa.Table | None = None  # the rows of one user, who may go on
         for batch in reader:
             rows = pa.Table.from_batches([batch])
-            rows = rows if pending is None else pa.concat_tables([pending, rows])
             if rows.num_rows == 0:
                 continue
-            users = rows["user_id"]
-            last_user_rows = int(pc.sum(pc.equal(users, users[-1])).as_py())
-            done = rows.slice(0, rows.num_rows - last_user_rows)
-            pending = rows.slice(rows.num_rows - last_user_rows)
+            last = rows["user_id"][-1]
+            tail = int(pc.sum(pc.equal(rows["user_id"], last)).as_py())
+            if tail == rows.num_rows and pending is not None and pending["user_id"][0] == last:
+                pending = pa.concat_tables([pending, rows])  # one user across whole batches
+                continue
+            done = rows.slice(0, rows.num_rows - tail)
+            if pending is not None:
+                done = pa.concat_tables([pending, done])
+            pending = rows.slice(rows.num_rows - tail)
             counts += _cut_users(done, min_user, keep_last, schema, writer)
         if pending is not None:
             counts += _cut_users(pending, min_user, keep_last, schema, writer)
