@@ -186,6 +186,7 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     if scatter is None or scatter.rows != schema.num_rows:
         raise RuntimeError(f"read {scatter.rows if scatter else 0} rows but the Parquet footers "
                            f"promise {schema.num_rows}; the input changed while reading?")
+    scatter.check_one_hash_version()
     timings["scatter_s"] = time.perf_counter() - t0
     live = [p for p in range(num_parts) if scatter.per_partition[p] > 0]
     if not live:

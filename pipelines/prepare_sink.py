@@ -46,12 +46,22 @@ class ScatterCounts:
     rows: int = 0
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
     per_partition: list[int] = field(default_factory=list)
+    # The DuckDB versions that hashed users to partitions: one task per node could differ,
+    # and hash() is only stable within a version.
+    hash_versions: set[str] = field(default_factory=set)
 
     def add(self, other: "ScatterCounts") -> None:
         self.rows += other.rows
         for k, v in other.rejected.items():
             self.rejected[k] += v
         self.per_partition = [a + b for a, b in zip(self.per_partition, other.per_partition)]
+        self.hash_versions |= other.hash_versions
+
+    def check_one_hash_version(self) -> None:
+        if len(self.hash_versions) > 1:
+            raise RuntimeError(f"the scatter ran on DuckDB versions {sorted(self.hash_versions)}, whose "
+                               "hash() differ, so one user's rows may be in two partitions; install "
+                               "one version on every node (requirements.txt pins it)")
 
 
 def partition_of(user_ids: pa.ChunkedArray | pa.Array, num_partitions: int) -> np.ndarray:
@@ -94,7 +104,8 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
         matched by the `*.parquet` readers) and renamed, when the task succeeds, to a name
         fixed by the task index, which a retry of the same task shares. A killed attempt
         leaves only ignored temporary files or files its retry replaces."""
-        counts = ScatterCounts(per_partition=[0] * self.num_partitions)
+        counts = ScatterCounts(per_partition=[0] * self.num_partitions,
+                               hash_versions={duckdb.__version__})
         writers: dict[int, tuple[pq.ParquetWriter, Path]] = {}
         attempt = f".w{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet.tmp"
         try:

@@ -173,6 +173,17 @@ def test_a_partition_task_that_misses_scatter_files_fails_the_run(tmp_path):
         check_partitions_read(tmp_path, [0, 2], [5, 6], [5, 0, 7])
 
 
+def test_a_scatter_hashed_by_two_duckdb_versions_fails_the_run():
+    from pipelines.prepare_sink import ScatterCounts
+
+    total = ScatterCounts(per_partition=[0], hash_versions={"2.0.0"})
+    total.add(ScatterCounts(per_partition=[0], hash_versions={"2.0.0"}))
+    total.check_one_hash_version()
+    total.add(ScatterCounts(per_partition=[0], hash_versions={"1.1.3"}))
+    with pytest.raises(RuntimeError, match=r"DuckDB versions \['1.1.3', '2.0.0'\]"):
+        total.check_one_hash_version()
+
+
 def test_each_duckdb_connection_spills_to_its_own_folder_and_removes_it(tmp_path):
     settings = kernels.KernelSettings(threads=1, memory_limit_mb=64, spill_dir=str(tmp_path))
     with kernels.connection(settings) as a, kernels.connection(settings) as b:
