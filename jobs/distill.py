@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags, inherited_settings  # noqa: E402
 from slmrec.backbones import BackboneConfig  # noqa: E402
+from jobs.common.job_paths import refuse_relative_paths_if_submitted  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
 
@@ -173,7 +174,9 @@ def run(config: DistillConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(DistillConfig, __doc__, argv))
+    config = parse_config(DistillConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "distill")
+    run(config)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pipelines import importers
 from pipelines.synthetic import SyntheticSpec, write_synthetic
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import field, parse_config
 
 
@@ -40,6 +41,7 @@ class ImportConfig:
 
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     cfg = parse_config(ImportConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(cfg, "import_data")
     old = sorted(pathlib.Path(cfg.output).glob("*.parquet"))
     if old and not cfg.overwrite:
         sys.exit(f"import_data: {cfg.output} already holds {len(old)} Parquet file(s) "

@@ -24,6 +24,7 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.common.job_paths import refuse_relative_paths_if_submitted  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
 
@@ -94,7 +95,9 @@ def run(config: PipelineConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(PipelineConfig, __doc__, argv))
+    config = parse_config(PipelineConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "pipeline")
+    run(config)
 
 
 if __name__ == "__main__":

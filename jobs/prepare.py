@@ -16,11 +16,13 @@ import json
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.logs import LogError
 from pipelines.prepare import PrepareConfig, preflight, run_prepare
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import parse_config
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(PrepareConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "prepare")
     try:
         schema = preflight(config)  # bad input fails here, before Ray starts
         init_local_ray()

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.common.flags import DataFlags, TrainFlags  # noqa: E402
+from jobs.common.job_paths import refuse_relative_paths_if_submitted  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
 ITEM_TABLE_DIR = "item_table"
@@ -102,7 +103,9 @@ def run(config: PretrainItemsConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(PretrainItemsConfig, __doc__, argv))
+    config = parse_config(PretrainItemsConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "pretrain_items")
+    run(config)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.prepared import num_items
 from pipelines.scoring import score_prepared
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender, check_vocabulary
 
@@ -54,6 +55,7 @@ class ScoreConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(ScoreConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "score")
     if Path(config.output).exists():
         sys.exit(f"score: --output {config.output} already exists; choose a new directory")
     # Checks that need no Ray run first, so a typo fails at once.

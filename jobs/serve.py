@@ -49,6 +49,7 @@ from ray import serve
 
 from pipelines.catalog import ItemCatalog, UserHistories
 from pipelines.prepared import num_items
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender, check_vocabulary
 
@@ -305,6 +306,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(ServeConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "serve")
     # Every check that needs no Ray runs first, so a typo fails in a second, not after
     # Ray and Serve have started.
     try:

@@ -33,6 +33,7 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.common.flags import DataFlags, TrainFlags  # noqa: E402
+from jobs.common.job_paths import refuse_relative_paths_if_submitted  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
 
@@ -321,7 +322,9 @@ def run(config: TuneConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_config(TuneConfig, __doc__, argv))
+    config = parse_config(TuneConfig, __doc__, argv)
+    refuse_relative_paths_if_submitted(config, "tune")
+    run(config)
 
 
 if __name__ == "__main__":

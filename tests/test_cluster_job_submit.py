@@ -39,13 +39,21 @@ def test_ray_job_submit_runs_distill_on_a_ray_start_head(tmp_path):
             result = submit(cluster.dashboard_url, [
                 "python", "jobs/distill.py", "--data", str(prep), "--teacher", str(teacher), "--output", str(out),
                 "--epochs", "1", "--cpus-per-worker", "0.5", *TINY_DISTILL_FLAGS])
+            # A relative output would land in the uploaded copy of the repository on the head.
+            relative = submit(cluster.dashboard_url, [
+                "python", "jobs/distill.py", "--data", str(prep), "--teacher", str(teacher),
+                "--output", "runs/submitted-student"])
             from ray.job_submission import JobStatus, JobSubmissionClient
 
             jobs = JobSubmissionClient(cluster.dashboard_url).list_jobs()
         finally:
             cluster.stop()
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert [j.status for j in jobs if j.entrypoint.startswith("python jobs/distill.py")] == [JobStatus.SUCCEEDED]
+    statuses = {j.entrypoint.split("--output ")[1].split()[0]: j.status for j in jobs}
+    assert statuses == {str(out): JobStatus.SUCCEEDED, "runs/submitted-student": JobStatus.FAILED}
+    assert relative.returncode != 0
+    assert ("distill: --output runs/submitted-student: a job submitted with --working-dir runs in an "
+            "uploaded copy") in relative.stdout + relative.stderr
     assert "[distill] student ->" in result.stdout
     for name in ("best/meta.json", "best/model.safetensors", "metrics.json", "REPORT.md", "report.json"):
         assert (out / name).stat().st_size > 0, name
