@@ -14,9 +14,9 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 from dataclasses import dataclass
 from typing import Literal
 
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from pipelines import importers
 from pipelines.synthetic import SyntheticSpec, write_synthetic
-from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import field, parse_config
 
 

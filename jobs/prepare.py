@@ -13,10 +13,10 @@ import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().par
 
 import json
 
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.logs import LogError
 from pipelines.prepare import PrepareConfig, preflight, run_prepare
-from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import parse_config
 
 

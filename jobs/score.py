@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.prepared import num_items
 from pipelines.scoring import score_prepared
-from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender, check_vocabulary
 

@@ -47,9 +47,9 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from ray import serve
 
+from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from pipelines.catalog import ItemCatalog, UserHistories
 from pipelines.prepared import num_items
-from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender, check_vocabulary
 

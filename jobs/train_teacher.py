@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags, inherited_settings  # noqa: E402
-from slmrec.backbones import BackboneConfig  # noqa: E402
 from jobs.common.job_paths import refuse_relative_paths_if_submitted  # noqa: E402
+from slmrec.backbones import BackboneConfig  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
 

@@ -95,14 +95,15 @@ def amazon_2018(inputs: list[str | Path], out_dir: str | Path, block_bytes: int 
 
     Read as a stream of blocks, so memory stays at a block however big the file; fields
     other than reviewerID, asin, overall and unixReviewTime are ignored."""
-    sources = [Path(p) for p in inputs]
-    dests = [Path(out_dir) / (src.name.split(".")[0] + ".parquet") for src in sources]
-    for i, dest in enumerate(dests):
-        if dest in dests[:i]:
-            raise ValueError(f"{sources[dests.index(dest)]} and {sources[i]} would both be "
-                             f"written to {dest}; import them into separate directories")
+    planned: dict[Path, Path] = {}  # destination -> source
+    for src in map(Path, inputs):
+        dest = Path(out_dir) / (src.name.split(".")[0] + ".parquet")
+        if dest in planned:
+            raise ValueError(f"{planned[dest]} and {src} would both be written to {dest}; "
+                             "import them into separate directories")
+        planned[dest] = src
     written = []
-    for src, dest in zip(sources, dests):
+    for dest, src in planned.items():
         if not src.is_file():
             raise FileNotFoundError(f"{src}: no such file")
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -109,17 +109,12 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
         writers: dict[int, tuple[pq.ParquetWriter, Path]] = {}
         attempt = f".w{ctx.task_idx:06d}-{uuid.uuid4().hex[:8]}.parquet.tmp"
         try:
-            for block in blocks:
-                for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
-                    for piece in unit["pieces"]:
-                        for batch in self._batches(piece["path"], piece["row_groups"]):
-                            counts.rows += batch.num_rows
-                            kept, rejected = reject_rows(self._normalize(batch, piece["path"]),
-                                                         self.min_rating)
-                            for k, v in rejected.items():
-                                counts.rejected[k] += v
-                            self._scatter(kept.select(["user_id", "item_id", "timestamp"]),
-                                          writers, attempt, counts)
+            for path, batch in self._batches(blocks):
+                counts.rows += batch.num_rows
+                kept, rejected = reject_rows(self._normalize(batch, path), self.min_rating)
+                for k, v in rejected.items():
+                    counts.rejected[k] += v
+                self._scatter(kept.select(["user_id", "item_id", "timestamp"]), writers, attempt, counts)
         except BaseException:
             for writer, tmp in writers.values():
                 writer.close()
@@ -130,14 +125,19 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
             os.replace(tmp, partition_dir(self.root, p) / f"w{ctx.task_idx:06d}.parquet")
         return counts
 
-    def _batches(self, path: str, row_groups: list[int]) -> Iterator[pa.Table]:
-        try:
-            reader = pq.ParquetFile(path)
-            for batch in reader.iter_batches(batch_size=self.batch_rows, row_groups=row_groups,
-                                             columns=self.columns):
-                yield pa.Table.from_batches([batch])
-        except (OSError, pa.ArrowException) as e:
-            raise LogError(f"{path}: cannot read row groups {row_groups} ({e})") from e
+    def _batches(self, blocks: Iterable[Block]) -> Iterator[tuple[str, pa.Table]]:
+        """(file, batch) for every piece of every unit in `blocks`, in order."""
+        for block in blocks:
+            for unit in BlockAccessor.for_block(block).to_arrow().to_pylist():
+                for piece in unit["pieces"]:
+                    path, row_groups = piece["path"], piece["row_groups"]
+                    try:
+                        reader = pq.ParquetFile(path)
+                        for batch in reader.iter_batches(batch_size=self.batch_rows, row_groups=row_groups,
+                                                         columns=self.columns):
+                            yield path, pa.Table.from_batches([batch])
+                    except (OSError, pa.ArrowException) as e:
+                        raise LogError(f"{path}: cannot read row groups {row_groups} ({e})") from e
 
     def _normalize(self, batch: pa.Table, path: str) -> pa.Table:
         try:
