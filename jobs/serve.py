@@ -39,7 +39,6 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -48,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_v
 from ray import serve
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
+from jobs.common.model_spec import split_model_spec
 from pipelines.catalog import ItemCatalog, UserHistories
 from pipelines.prepared import num_items
 from slmrec.config import field, parse_config
@@ -103,9 +103,7 @@ def model_specs(config: ServeConfig) -> dict[str, tuple[str, bool]]:
     specs: dict[str, tuple[str, bool]] = {}
     # A Serve config file's `model: NAME=PATH` (a scalar, not a list) is one model.
     for spec in [config.model] if isinstance(config.model, str) else config.model:
-        name, sep, path = spec.partition("=")
-        if not sep:
-            name, path = Path(spec).name, spec
+        name, path = split_model_spec(spec)
         if not name or not path:
             raise ValueError(f"--model {spec!r}: expected PATH or NAME=PATH")
         variants = {"none": [(name, False)], "int8": [(name, True)],

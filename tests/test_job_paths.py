@@ -41,6 +41,9 @@ def test_absolute_paths_uris_and_repository_files_pass(monkeypatch):
                                          "--storage-path", "s3://bucket/ray",
                                          "--deepspeed-config", "cluster/deepspeed/zero2.json"])
     refuse_relative_paths_if_submitted(config, "distill")
+    # score's --model is a path; '=' in a folder name does not make it NAME=PATH.
+    config = parse_job_flags("score", ["--model", "/runs/lr=1e-3/best", "--data", "/d", "--output", "/o"])
+    refuse_relative_paths_if_submitted(config, "score")
 
 
 def test_every_job_checks_its_paths_when_submitted(monkeypatch):

@@ -222,6 +222,29 @@ def test_repeated_model_flags_are_all_kept():
     assert model_specs(ServeConfig(model="a=/x", data="d")) == {"a": ("/x", False)}
 
 
+@pytest.mark.parametrize("spec,expected", [
+    ("a=/x", ("a", "/x")),
+    ("/y/b", ("b", "/y/b")),
+    # A run folder with '=' in its name is a path, not NAME=PATH.
+    ("/runs/lr=1e-3/best", ("best", "/runs/lr=1e-3/best")),
+    ("s=/runs/lr=1e-3/best", ("s", "/runs/lr=1e-3/best")),
+    ("a=", ("a", "")),
+])
+def test_model_spec_is_name_equals_path_only_when_the_name_is_bare(spec, expected):
+    from jobs.common.model_spec import split_model_spec
+
+    assert split_model_spec(spec) == expected
+
+
+def test_an_existing_path_with_an_equals_sign_is_taken_whole(tmp_path, monkeypatch):
+    from jobs.common.model_spec import split_model_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=1e-3").mkdir()
+    assert split_model_spec("lr=1e-3") == ("lr=1e-3", "lr=1e-3")
+    assert split_model_spec("lr=2e-3") == ("lr", "2e-3")
+
+
 def test_cli_refuses_a_missing_model_or_a_vocabulary_mismatch_before_starting(tmp_path):
     from jobs.serve import main
 

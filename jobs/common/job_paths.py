@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from jobs.common.model_spec import split_model_spec
+
 # Job-config fields that name data or outputs (not repository files).
 DATA_PATH_FIELDS = ("input", "data", "output", "teacher", "item_table", "scratch_dir",
                     "storage_path", "model")
@@ -31,7 +33,7 @@ def _paths(value: Any) -> list[str]:
         return [p for v in value for p in _paths(v)]
     if not isinstance(value, str) or not value:
         return []
-    return [value.partition("=")[2] or value]  # serve/score --model NAME=PATH
+    return [split_model_spec(value)[1] or value]  # serve's --model NAME=PATH
 
 
 def refuse_relative_paths_if_submitted(config: Any, job: str) -> None:
