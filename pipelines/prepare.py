@@ -20,8 +20,8 @@ How it scales (measured choices, see bench/prepare_vs_duckdb.py and ENVIRONMENT.
    writes every row to partition hash(user_id) % P on scratch disk. No shuffle operator,
    no groupby/map_groups (both measured far slower here), nothing collected on the driver.
  - One Ray task per partition deduplicates with DuckDB (memory-limited, spilling).
- - k-core rounds: each partition task returns its item counts (O(items)), the driver sums
-   them and broadcasts the surviving item set; users are partition-local, so their test is
+ - k-core rounds: each partition task returns its item counts (O(items)), tasks sum them
+   in a tree of fan-in SUM_FAN_IN, the driver broadcasts the surviving item set; users are partition-local, so their test is
    exact inside the task. The per-round state is recomputed from the deduplicated base, so
    rounds read but never rewrite the data.
  - A last task per partition orders, truncates, maps item ids to indices and writes the
@@ -53,6 +53,8 @@ from pipelines.prepare_sink import ScatterByUserSink, partition_dir
 from pipelines.prepared import ITEM_INDEX_ORDER, ITEMS_DIR, SEQUENCES_DIR, STATS_FILE
 from slmrec.config import field
 
+# Partitions' item counts summed per task in the k-core rounds.
+SUM_FAN_IN = 16
 
 @dataclass
 class PrepareConfig:
@@ -208,11 +210,16 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     # 3. Iterative k-core: global item counts, partition-local user test.
     t = time.perf_counter()
     count = ray.remote(kernels.item_counts).options(**task)
+    add = ray.remote(kernels.sum_item_counts).options(**task)
 
     def count_round(keep: pa.Table | None) -> pa.Table:
         keep_ref = ray.put(keep)
-        return _sum_counts([count.remote(base[p], keep_ref, config.min_user_interactions,
-                                         settings) for p in live])
+        refs = [count.remote(base[p], keep_ref, config.min_user_interactions, settings) for p in live]
+        # A tree of summing tasks: the driver adds at most SUM_FAN_IN tables of O(items)
+        # rows, not one per partition in turn.
+        while len(refs) > SUM_FAN_IN:
+            refs = [add.remote(*refs[i:i + SUM_FAN_IN]) for i in range(0, len(refs), SUM_FAN_IN)]
+        return kernels.sum_item_counts(*ray.get(refs))
 
     counts, rounds = kcore_items(count_round, config.min_item_interactions)
     if counts.num_rows == 0:
@@ -293,23 +300,6 @@ def kcore_items(count_round: Callable[[pa.Table | None], pa.Table],
         if surviving.num_rows == counts.num_rows:
             return counts, rounds
         keep = surviving.select(["item_id"])
-
-
-def _sum_counts(refs: list) -> pa.Table:
-    """Sum per-partition item counts as they arrive; the driver holds O(items) rows."""
-    import ray
-
-    total: pa.Table | None = None
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        part = ray.get(done[0])
-        if total is None:
-            total = part
-            continue
-        total = (pa.concat_tables([total, part]).group_by("item_id")
-                 .aggregate([("count", "sum")]).rename_columns(["item_id", "count"]))
-    return total
 
 
 def item_vocabulary(counts: pa.Table) -> pa.Table:

@@ -114,6 +114,12 @@ def item_counts(base_path: str, keep_items: pa.Table | None, min_user: int,
             "GROUP BY item_id", params={"min_user": min_user}).to_arrow_table()
 
 
+
+def sum_item_counts(*parts: pa.Table) -> pa.Table:
+    """Item counts of several partitions (item_id, count), summed per item."""
+    return (pa.concat_tables(parts).group_by("item_id").aggregate([("count", "sum")])
+            .rename_columns(["item_id", "count"]))
+
 def _state_rows(base_path: str, keep_items: pa.Table | None,
                 con: duckdb.DuckDBPyConnection) -> str:
     if keep_items is None:

@@ -1,6 +1,7 @@
 """The Ray pipeline against the plain DuckDB reference (pipelines/prepare_reference.py) on
-a synthetic log with string ids, null cells, low ratings and several partitions: every
-output row and every count must agree."""
+a synthetic log with string ids, null cells, low ratings and more partitions than the
+k-core's count-summing fan-in (so its counts go through the task tree): every output row
+and every count must agree."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.logs import ColumnNames
-from pipelines.prepare import PrepareConfig, run_prepare
+from pipelines.prepare import SUM_FAN_IN, PrepareConfig, run_prepare
 from pipelines.prepare_reference import prepare_with_duckdb
 from pipelines.synthetic import SyntheticSpec, generate_shard
 
@@ -40,7 +41,7 @@ def test_ray_pipeline_matches_duckdb_reference(ray_session, tmp_path):
     config = PrepareConfig(input=log, output=str(tmp_path / "ray"), min_user_interactions=5,
                            min_item_interactions=10, max_len=8, min_rating=3, user_column="user",
                            item_column="item", timestamp_column="ts", rating_column="stars",
-                           num_partitions=4, read_batch_rows=3_000)
+                           num_partitions=SUM_FAN_IN + 4, read_batch_rows=3_000)
     ours = run_prepare(config)
     ref = prepare_with_duckdb(sorted(str(p) for p in (tmp_path / "log").glob("*.parquet")),
                               tmp_path / "ref", names, 5, 10, 8, min_rating=3)

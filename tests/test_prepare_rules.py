@@ -258,6 +258,13 @@ def test_kcore_cascade_takes_three_rounds(tmp_path):
         {"item_id": "a", "count": 2}, {"item_id": "b", "count": 2}]
 
 
+
+def test_partition_item_counts_sum_per_item():
+    part = lambda ids, counts: pa.table({"item_id": pa.array(ids, pa.string()), "count": ints(*counts)})  # noqa: E731
+    total = kernels.sum_item_counts(part(["a", "b"], [2, 1]), part(["b", "c"], [4, 1]), part([], []))
+    assert sorted(total.to_pylist(), key=lambda r: r["item_id"]) == [
+        {"item_id": "a", "count": 2}, {"item_id": "b", "count": 5}, {"item_id": "c", "count": 1}]
+
 def test_kcore_matches_the_plain_delete_loop(tmp_path):
     base = cascade_base(tmp_path)
     stats = prepare_with_duckdb([base], tmp_path / "ref", ColumnNames(), 2, 2, max_len=10)
