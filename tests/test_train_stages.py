@@ -124,19 +124,22 @@ def test_zero3_teacher_killed_and_resumed_matches_uninterrupted_zero2(teacher_ru
         assert torch.allclose(w3, w2, atol=1e-4), name
 
 
-def test_teacher_resumes_after_failure(ray_session, tiny_prepared, tmp_path):
+def test_teacher_with_gradient_accumulation_resumes_after_failure(ray_session, tiny_prepared, tmp_path):
     out = tmp_path / "run"
     table = _item_table(tmp_path / "items", 30)
     common = dict(data=str(tiny_prepared), output=str(out), epochs=2, item_table=str(table),
-                  backbone=BackboneConfig(layers=1, hidden=16, heads=2), **TINY)
-    # 64 users / batch 8 = 8 steps per epoch: fail in epoch 2, after epoch 1's checkpoint.
+                  backbone=BackboneConfig(layers=1, hidden=16, heads=2), **dict(TINY, batch_size=4), grad_accum=2)
+    # 64 users / (micro-batch 4 x accumulation 2) = 8 optimiser steps an epoch; steps count
+    # the optimiser's, not micro-batches: fail in epoch 2, after epoch 1's checkpoint.
     with pytest.raises(Exception, match="fault injection"):
         run_teacher(TeacherConfig(fail_after_steps=11, **common))
     first_epoch = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in first_epoch] == [1]
     run_teacher(TeacherConfig(**common))
-    history = json.loads((out / "metrics.json").read_text())["history"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+    assert [r["step"] for r in metrics["steps"]] == [4, 8, 12, 16]  # logged every 4 steps
     # Epoch 1 came from the checkpoint, not from training again.
     assert history[0] == first_epoch[0]
 

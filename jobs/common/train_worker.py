@@ -171,6 +171,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rows_per_worker = max(1, spec.train_rows // world)
     steps_per_epoch = max(1, rows_per_worker // (spec.micro_batch * spec.grad_accum))
     total_steps = steps_per_epoch * spec.epochs
+    micro_per_epoch = steps_per_epoch * spec.grad_accum
     scheduler = warmup_cosine(optimizer, min(spec.warmup_steps, total_steps // 2), total_steps)
     engine = init_engine(task.model, optimizer, scheduler, spec.ds_config)
     zero = zero_stage(spec.ds_config)
@@ -206,19 +207,29 @@ def train_loop(config: dict[str, Any]) -> None:
         batches = shard.iter_torch_batches(
             batch_size=spec.micro_batch, dtypes=torch.long, device=device, drop_last=True,
             local_shuffle_buffer_size=spec.shuffle_buffer, local_shuffle_seed=spec.seed + epoch)
+        group: dict[str, float] = {}
         for step, batch in enumerate(length_buckets(batches, spec.length_window, seed=spec.seed + epoch), start=1):
-            if step <= done_in_epoch:
+            # `step` counts micro-batches; the optimiser steps once every grad_accum of them.
+            # Micro-batches past the epoch's last whole accumulation are read and not
+            # trained on, so no half-accumulated gradient spills into the next epoch (or is
+            # lost at a checkpoint: DeepSpeed's micro-step count restarts on resume).
+            if step <= done_in_epoch or step > micro_per_epoch:
                 continue
             with _autocast(spec):
                 terms = task.loss(batch)
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(terms.total)
             engine.step()
-            state["global_step"] += 1
             n_steps += 1
-            logged = terms.as_dict()
-            for k, v in logged.items():
+            for k, v in terms.as_dict().items():
                 sums[k] = sums.get(k, 0.0) + v
-            progress.step(epoch, step, state["global_step"], batch["items"].shape[0] * world, logged)
+                group[k] = group.get(k, 0.0) + v / spec.grad_accum
+            if not boundary:
+                continue
+            state["global_step"] += 1
+            progress.step(epoch, step // spec.grad_accum, state["global_step"],
+                          batch["items"].shape[0] * world * spec.grad_accum, group)
+            group = {}
             if spec.stop_after_steps and state["global_step"] >= spec.stop_after_steps:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
