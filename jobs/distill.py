@@ -115,6 +115,7 @@ def task_args(config: DistillConfig, teacher_dir: Path) -> dict:
 
 def validate(config: DistillConfig, teacher_dir: Path) -> int:
     """Fail before any worker starts: teacher files, depths and blocks. Returns the teacher depth."""
+    from jobs.common.validation_leak import refuse_validation_leak
     from slmrec.blocks import pair_blocks
     from slmrec.checkpoint import load_meta
 
@@ -131,6 +132,7 @@ def validate(config: DistillConfig, teacher_dir: Path) -> int:
         raise SystemExit(f"--blocks {config.blocks}: {e}") from e
     if config.ms_weight > 0 and config.blocks < 2:
         raise SystemExit("--ms-weight > 0 needs --blocks >= 2 (the extra heads sit on the first B-1 blocks)")
+    refuse_validation_leak(teacher_dir, "--teacher", validated=not config.train_on_valid)
     return depth
 
 
@@ -143,8 +145,9 @@ def ensure_teacher(config: DistillConfig, output: Path) -> Path:
     if not (teacher_out / "best" / "meta.json").is_file() or not (teacher_out / "metrics.json").is_file():
         print(f"[distill] no --teacher: training one first into {teacher_out}", flush=True)
         # Every teacher setting comes from the distillation flags of the same name (the
-        # teacher's flags are a subset of them), except where the teacher run differs.
-        own = {"output", "epochs", "warmup_steps", "run_name"}
+        # teacher's flags are a subset of them), except where the teacher run differs;
+        # fault injection is for the student run alone.
+        own = {"output", "epochs", "warmup_steps", "run_name", "fail_after_steps"}
         run_teacher(TeacherConfig(output=str(teacher_out), epochs=config.teacher_epochs,
                                   warmup_steps=max(config.warmup_steps, 1),
                                   run_name=f"{config.run_name}-teacher" if config.run_name else None,

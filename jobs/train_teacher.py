@@ -50,6 +50,9 @@ def build_task(args: dict):
 def ensure_item_table(config: TeacherConfig, output: Path) -> str:
     """The item table to freeze: the given one, or stage 0 trained now into OUTPUT/items."""
     if config.item_table:
+        from jobs.common.validation_leak import refuse_validation_leak
+
+        refuse_validation_leak(config.item_table, "--item-table", validated=not config.train_on_valid)
         return str(Path(config.item_table).resolve())
     from jobs.pretrain_items import PretrainItemsConfig, run as run_items
 

@@ -53,7 +53,7 @@ def to_arrays(sequences: Iterable[Sequence[int]], split: Split, max_len: int,
     """Batch of sequences -> {"items": [B, max_len] int64, "targets": ...}.
 
     train: targets is [B, max_len] (0 where there is no target);
-    valid/test: targets is [B] and "history_len" gives the valid length of each row.
+    valid/test: targets is [B].
     """
     used = [np.asarray(s, dtype=np.int64) for s in sequences]
     short = [len(s) for s in used if len(s) < MIN_SEQUENCE_LENGTH]
@@ -70,5 +70,4 @@ def to_arrays(sequences: Iterable[Sequence[int]], split: Split, max_len: int,
     return {
         "items": _right_pad([p[0] for p in pairs_eval], max_len),
         "targets": np.array([p[1] for p in pairs_eval], dtype=np.int64),
-        "history_len": np.array([len(p[0]) for p in pairs_eval], dtype=np.int64),
     }

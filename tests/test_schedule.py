@@ -14,7 +14,6 @@ def test_warmup_cosine():
     assert warmup_cosine_factor(3, 4, 12) == pytest.approx(1.0)
     assert warmup_cosine_factor(8, 4, 12) == pytest.approx(0.5)  # half way through the cosine
     assert warmup_cosine_factor(12, 4, 12) == pytest.approx(0.0)
-    assert warmup_cosine_factor(12, 4, 12, floor=0.1) == pytest.approx(0.1)
 
 
 def _sgd_with_schedule(lr: float = 0.5):

@@ -188,6 +188,40 @@ def test_distill_bad_flags_fail_before_training(teacher_run, tiny_prepared, tmp_
     assert not (tmp_path / "x").exists()
 
 
+def test_runs_validated_on_targets_their_upstream_trained_on_are_refused(teacher_run, tiny_prepared, tmp_path):
+    import shutil
+
+    from jobs.common.validation_leak import trained_on_valid
+    from jobs.distill import validate
+    from jobs.train_teacher import ensure_item_table
+    from jobs.tune import TuneConfig, run as run_tune
+
+    teacher = tmp_path / "teacher-tov"
+    shutil.copytree(teacher_run / "best", teacher / "best")
+    metrics = json.loads((teacher_run / "metrics.json").read_text())
+    metrics["spec"]["train_on_valid"] = True
+    (teacher / "metrics.json").write_text(json.dumps(metrics))
+    leak = "was trained on the validation targets"
+    student = DistillConfig(data=str(tiny_prepared), teacher=str(teacher), output=str(tmp_path / "x"),
+                            student_layers=2, blocks=2)
+    with pytest.raises(SystemExit, match=rf"--teacher {teacher}/best {leak}"):
+        validate(student, teacher / "best")
+    assert validate(dataclasses.replace(student, train_on_valid=True), teacher / "best") == 4
+    assert validate(student, teacher_run / "best") == 4  # a teacher that held them out
+    with pytest.raises(SystemExit, match=f"--teacher .* {leak}"):
+        run_tune(TuneConfig(data=str(tiny_prepared), teacher=str(teacher), output=str(tmp_path / "tune"),
+                            student_layers=[2], blocks=2))
+    # A stage-0 table trained on them, under a teacher validated on them.
+    items = tmp_path / "items"
+    _item_table(items / "item_table", 30)
+    (items / "metrics.json").write_text(json.dumps({"spec": {"train_on_valid": True}}))
+    config = TeacherConfig(data=str(tiny_prepared), output=str(tmp_path / "t"), item_table=str(items))
+    with pytest.raises(SystemExit, match=f"--item-table {items} {leak}"):
+        ensure_item_table(config, tmp_path / "t")
+    assert ensure_item_table(dataclasses.replace(config, train_on_valid=True), tmp_path / "t") == str(items)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "tune").exists()
+    assert not trained_on_valid(tmp_path / "elsewhere")  # nothing says so: not refused
+
 def test_distill_missing_teacher_files(tiny_prepared, tmp_path):
     (tmp_path / "teacher").mkdir()
     config = DistillConfig(data=str(tiny_prepared), teacher=str(tmp_path / "teacher"), output=str(tmp_path / "x"))
@@ -216,6 +250,21 @@ def test_teacher_trains_its_table_with_the_runs_data_resource_and_precision_sett
     # The optimiser's settings stay SASRec's own, and fault injection stays with the teacher.
     assert (items.lr, items.fail_after_steps) == (PretrainItemsConfig.lr, 0)
 
+
+def test_distill_trains_its_teacher_with_the_runs_settings_but_not_its_fault_injection(tmp_path, monkeypatch):
+    import jobs.train_teacher
+    from jobs.distill import ensure_teacher
+
+    captured = []
+    monkeypatch.setattr(jobs.train_teacher, "run", captured.append)
+    config = DistillConfig(data="d", output=str(tmp_path), max_len=30, teacher_epochs=3, epochs=2, batch_size=8,
+                           warmup_steps=0, train_on_valid=True, fail_after_steps=9, run_name="s")
+    assert ensure_teacher(config, tmp_path) == tmp_path / "teacher" / "best"
+    (teacher,) = captured
+    assert isinstance(teacher, TeacherConfig) and teacher.output == str(tmp_path / "teacher")
+    assert (teacher.data, teacher.max_len, teacher.epochs, teacher.batch_size, teacher.train_on_valid,
+            teacher.warmup_steps, teacher.run_name, teacher.fail_after_steps) == (
+        "d", 30, 3, 8, True, 1, "s-teacher", 0)
 
 def test_distill_in_gpu_precision_with_a_partitioned_teacher(teacher_run, tiny_prepared, tmp_path):
     # GPU workers get bf16 from DeepSpeed ("auto" in our configs), which casts the weights

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from jobs.common.report import markdown_table, metrics_by_protocol, plot_curves, protocol_descriptions, read_metrics
+from jobs.common.report import (METRIC_COLS, markdown_table, metrics_by_protocol, plot_curves,
+                                protocol_descriptions, read_metrics)
 from jobs.distill import loss_weights
 from slmrec.backbones import merge_lora
 from slmrec.bucketing import length_buckets
@@ -23,7 +24,6 @@ from slmrec.losses import TERM_NAMES
 from slmrec.model import SeqRecommender, build_recommender
 
 SPEED_BATCHES = (1, 32, 256)
-METRIC_COLS = ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
 
 
 def _plot_steps(steps: list[dict[str, float]], path: Path) -> None:

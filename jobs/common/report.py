@@ -13,6 +13,9 @@ from slmrec.checkpoint import atomic_save_figure, atomic_write_json, atomic_writ
 from slmrec.evaluation import reported_protocols
 from slmrec.losses import TERM_NAMES
 
+# Test-metric columns of the reports, each HR@k beside its NDCG@k.
+METRIC_COLS = ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
+
 
 def read_metrics(output_dir: str | Path) -> dict[str, Any]:
     path = Path(output_dir) / "metrics.json"
@@ -85,12 +88,11 @@ def write_training_report(output_dir: str | Path, title: str, extra: dict[str, A
     atomic_write_json(out / "report.json", report)
     plot_curves(history, out / "training_curve.png", title)
     rows = metrics_by_protocol(final)
-    metric_cols = ["HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10", "MRR"]
     lines = [f"# {title}", "",
              (f"Trained on the validation targets too (--train-on-valid): the last epoch, "
               f"{final['best_epoch']}, is tested." if metrics["spec"].get("train_on_valid") else
               f"Best epoch by validation NDCG@10: {final['best_epoch']}."), "",
-             "## Test metrics", "", markdown_table(rows, ["protocol", *metric_cols]), ""]
+             "## Test metrics", "", markdown_table(rows, ["protocol", *METRIC_COLS]), ""]
     lines += [f"- `{label}`: {desc}" for label, desc in protocols.items()]
     epoch_cols = ["epoch", "epoch_seconds", "train/total", "valid/NDCG@10", "valid/HR@10"]
     lines += ["", "## Per epoch", "", markdown_table(history, epoch_cols), "",
