@@ -2,7 +2,8 @@
 
 Two protocols, always labelled in reports (METHOD.md): full ranking over every item
 (the default; optionally with the user's history items excluded) and the paper's
-sampled protocol (target + N uniform negatives outside the history, fixed seed).
+sampled protocol (target + N uniform negatives outside the history the model reads,
+fixed seed).
 Numbers of the two are not comparable.
 """
 from __future__ import annotations
@@ -42,8 +43,8 @@ class EvalProtocol:
     @property
     def description(self) -> str:
         if self.kind == "sampled":
-            return (f"sampled: target + {self.num_negatives} uniform negatives outside the user's history, "
-                    f"seed {self.seed}")
+            return (f"sampled: target + {self.num_negatives} uniform negatives outside the history items "
+                    f"the model reads (its last max_len), seed {self.seed}")
         return "full ranking over all items, " + ("the history items the model reads excluded (as "
                                                   "generative-recommenders evaluates)" if self.mask_history
                                                   else "history items not masked")
