@@ -32,7 +32,9 @@ class TrainFlags:
                                        "Data keeps a CPU to stream the data")
     length_bucket_window: int = field(16, help="sort the rows of every N consecutive batches by history length, "
                                                "so a batch pads only to its own longest row (0: keep the "
-                                               "shuffled order; all-padding columns are cut either way)")
+                                               "shuffled order; all-padding columns are cut either way). "
+                                               "Losses are per-batch means, so buckets weigh short histories' "
+                                               "positions more (README, 'Padding')")
     bf16_autocast: bool = field(False, help="bf16 mixed precision (torch.autocast) in the workers: ~1.6x faster "
                                             "training on CPUs with AVX512-BF16/AMX, several times slower without "
                                             "them (the workers warn); weights, optimizer state and ranking stay "
