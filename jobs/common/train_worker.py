@@ -192,9 +192,11 @@ def train_loop(config: dict[str, Any]) -> None:
 
     out = Path(spec.output_dir)
     shard = ray.train.get_dataset_shard("train")
-    # After a mid-epoch checkpoint, the batches of that epoch trained before it are skipped
-    # (the epoch's order is seeded) and its running loss sums carried on, so the resumed run
-    # neither trains them twice nor runs past the schedule's last step.
+    # After a mid-epoch checkpoint, as many of that epoch's batches as were trained before
+    # it are skipped and its running loss sums carried on, so the resumed run does not run
+    # past the schedule's last step. The epoch's shuffle is seeded, so they are the same
+    # rows where Ray Data delivers blocks in the same order (one worker reading one block
+    # sequence); otherwise some rows of that epoch repeat (README, "Resume").
     done_in_epoch = state.pop("epoch_step", 0)
     carried_sums = state.pop("epoch_sums", {})
     progress = Progress(epochs=spec.epochs, steps_per_epoch=steps_per_epoch, first_step=state["global_step"],
