@@ -50,7 +50,10 @@ def next_item_ce(logits: Tensor, targets: Tensor, ignore_index: int = 0) -> Tens
             f"targets must be items in 1..{num_items} (0 is padding), got values in "
             f"[{int(kept.min())}, {int(kept.max())}]")
     # Item i is column i - 1; padding maps to ignore_index - 1, which cross_entropy skips.
-    return F.cross_entropy(logits.reshape(-1, num_items), (targets - 1).reshape(-1), ignore_index=ignore_index - 1)
+    # In fp32: a bf16 log-softmax over N items (DeepSpeed's bf16 on GPUs) rounds the loss
+    # and its gradient to 8 bits of mantissa.
+    return F.cross_entropy(logits.reshape(-1, num_items).float(), (targets - 1).reshape(-1),
+                           ignore_index=ignore_index - 1)
 
 
 def _check_pair(h_s: Tensor, h_t: Tensor, mask: Tensor | None) -> None:

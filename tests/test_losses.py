@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import slmrec.losses as losses
 from slmrec.losses import (
@@ -43,6 +44,16 @@ def test_next_item_ce_hand_computed():
     # the kept positions alone (as a training step passes them) give the same mean
     assert next_item_ce(LOGITS[MASK], TARGETS[MASK]) == pytest.approx((CE_T2 + CE_T1) / 2, abs=1e-6)
 
+
+def test_next_item_ce_of_bf16_logits_is_computed_in_fp32():
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 3000) * 4).bfloat16().requires_grad_()
+    targets = torch.randint(1, 3001, (64,))
+    loss = next_item_ce(logits, targets)
+    exact = F.cross_entropy(logits.detach().double(), targets - 1)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(exact.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad.dtype == torch.bfloat16  # the gradient flows back in the logits' precision
 
 def test_next_item_ce_errors():
     with pytest.raises(ValueError, match="padding"):
