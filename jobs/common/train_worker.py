@@ -81,6 +81,14 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+def epoch_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
+    """Each loss term's mean over every worker's micro-batches (not rank 0's share alone),
+    from this worker's sums over its `count` micro-batches."""
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.tensor([sums[k] for k in names] + [count], dtype=torch.float64), device)
+    return {k: v / totals[-1].item() for k, v in zip(names, totals[:-1].tolist())}
+
+
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -242,7 +250,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if n_steps == 0:
             raise ValueError(f"worker {rank}: no training batch of {spec.micro_batch} rows in epoch {epoch + 1}; "
                              "lower --batch-size or add data")
-        train_terms = {f"train/{k}": v / n_steps for k, v in sums.items()}
+        train_terms = {f"train/{k}": v for k, v in epoch_means(sums, n_steps, device).items()}
         epoch_seconds = time.time() - epoch_start
         # Validation targets that were trained on say nothing about generalisation, so such
         # a run is not validated and keeps its newest epoch.
