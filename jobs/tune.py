@@ -189,12 +189,18 @@ def check_same_sweep(config: TuneConfig, settings_file: Path) -> None:
 def _concurrency(config: TuneConfig) -> int:
     import ray
 
-    from jobs.common.tune_space import max_concurrent_trials
+    from jobs.common.tune_space import max_concurrent_trials, trial_cpus_held
 
-    if config.max_concurrent > 0:
-        return config.max_concurrent
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if config.max_concurrent > 0:
+        held = config.max_concurrent * trial_cpus_held(config.num_workers, config.cpus_per_worker, config.trial_cpus)
+        if cpus - held < config.data_cpus:
+            # Only a note: an autoscaling cluster adds the CPUs as trials ask for them.
+            print(f"[tune] note: {config.max_concurrent} trials at once hold {held:g} of the {cpus:g} CPUs the "
+                  f"cluster has now, leaving fewer than --data-cpus {config.data_cpus:g} for Ray Data's reads; "
+                  "on a cluster that does not grow, trials would wait on their data", flush=True)
+        return config.max_concurrent
     print(f"[tune] sizing the sweep from the cluster as it is now ({cpus:g} CPUs, {gpus:g} GPUs); "
           "on an autoscaling cluster set --max-concurrent, which lets it grow", flush=True)
     return max_concurrent_trials(cpus, gpus, config.num_workers, config.cpus_per_worker, config.use_gpu,

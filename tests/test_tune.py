@@ -86,6 +86,19 @@ def test_concurrency_from_resources_per_trial():
     assert max_concurrent_trials(1, 0, 1, 1.0, False, 0.0, 1.0) == 1  # never below one
 
 
+def test_an_explicit_concurrency_that_leaves_no_cpu_for_reads_is_noted(ray_session, capsys):
+    from jobs.tune import TuneConfig, _concurrency
+
+    def concurrency(n: int) -> tuple[int, str]:
+        config = TuneConfig(data="d", teacher="t", output="o", max_concurrent=n, num_workers=1,
+                            cpus_per_worker=0.5, trial_cpus=0.0, data_cpus=1.0)
+        return _concurrency(config), capsys.readouterr().out
+
+    # The session's Ray has 2 CPUs: 4 trials of 0.5 hold both, 2 leave the one --data-cpus asks for.
+    assert concurrency(2) == (2, "")
+    n, note = concurrency(4)
+    assert n == 4 and "4 trials at once hold 2 of the 2 CPUs" in note and "--data-cpus 1" in note
+
 def test_frozen_cluster_sweep_config_is_valid():
     from jobs.tune import check_config
     from slmrec.config import parse_config

@@ -107,12 +107,17 @@ def effective_params(sample: dict[str, Any], teacher_layers: int, max_blocks: in
     return params
 
 
+def trial_cpus_held(num_workers: int, cpus_per_worker: float, trial_cpus: float) -> float:
+    """CPUs one trial holds: its Train workers' and its Tune driver's."""
+    return num_workers * cpus_per_worker + trial_cpus
+
+
 def max_concurrent_trials(cluster_cpus: float, cluster_gpus: float, num_workers: int, cpus_per_worker: float,
                           use_gpu: bool, trial_cpus: float, data_cpus: float) -> int:
     """Trials that fit side by side: each holds num_workers x cpus_per_worker (and one GPU
     per worker with use_gpu) plus trial_cpus for its Tune driver; data_cpus stay free for
     Ray Data's read tasks, which every trial's workers need to stream their data. At least 1."""
-    per_trial = num_workers * cpus_per_worker + trial_cpus
+    per_trial = trial_cpus_held(num_workers, cpus_per_worker, trial_cpus)
     fits = [math.floor((cluster_cpus - data_cpus) / per_trial + 1e-9)] if per_trial > 0 else []
     if use_gpu:
         fits.append(math.floor(cluster_gpus / num_workers))
