@@ -61,6 +61,7 @@ def _call(name: str, main, argv: list[str]) -> None:
 def run(config: PipelineConfig) -> Path:
     from jobs import distill, import_data, prepare, score
     from jobs.common.ray_runtime import init_local_ray
+    from pipelines.scoring import SUMMARY_FILE
 
     root = Path(config.output).resolve()
     logs, prepared, kd, scores = root / "logs", root / "prepared", root / "distill", root / "scores"
@@ -84,7 +85,7 @@ def run(config: PipelineConfig) -> Path:
             "--teacher-epochs", str(config.teacher_epochs), "--epochs", str(config.epochs),
             "--batch-size", str(config.batch_size), "--lr", str(config.lr),
             "--num-workers", str(config.num_workers)])
-    if not scores.exists():
+    if not (scores / SUMMARY_FILE).is_file():
         _call("score", score.main, ["--model", str(kd / "best"), "--data", str(prepared),
                                     "--output", str(scores), "--k", str(config.k)])
     print("\n[pipeline] done. Reports:")

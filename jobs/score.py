@@ -7,7 +7,8 @@ On a cluster (model, data and output on storage every node shares):
         --data /data/prep --output /data/scores --k 100 --num-actors 8
 
 Writes Parquet files under OUTPUT with one row per user: user_id, items (original item
-ids, best first) and scores (float32). A user's whole kept sequence is its history, and
+ids, best first) and scores (float32), and _summary.json (settings, users). OUTPUT appears
+only once every user of the prepared data is written. A user's whole kept sequence is its history, and
 with --exclude-seen (the default) items already in it are not recommended. The work runs
 on Ray Data (map_batches over an actor pool; pipelines/scoring.py).
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
-from jobs.common.ray_runtime import init_local_ray
+from jobs.common.ray_runtime import check_cpus_left_for_reads, init_local_ray
 from pipelines.prepared import num_items
 from pipelines.scoring import score_prepared
 from slmrec.config import field, parse_config
@@ -67,16 +68,24 @@ def main(argv: list[str] | None = None) -> dict:
     if config.k > items:
         sys.exit(f"score: --k {config.k} is more than the {items} items of {config.data}")
     init_local_ray(num_cpus=config.num_cpus)
+    try:
+        check_cpus_left_for_reads(config.num_actors * config.cpus_per_actor,
+                                  f"--num-actors {config.num_actors} x --cpus-per-actor {config.cpus_per_actor:g}",
+                                  "use fewer actors (or, locally, a larger --num-cpus)")
+    except ValueError as e:
+        sys.exit(f"score: {e}")
     start = time.perf_counter()
     load = functools.partial(Recommender.load, config.model, int8=config.int8, chunk_size=config.chunk_size,
                              device="cuda" if config.gpus_per_actor > 0 else "cpu")
+    settings = {"model": config.model, "data": config.data, "k": config.k, "exclude_seen": config.exclude_seen,
+                "int8": config.int8}
     try:
         users = score_prepared(config.data, config.output, load, config.k, config.exclude_seen,
                                config.batch_size, config.num_actors, config.cpus_per_actor,
-                               config.gpus_per_actor)
+                               config.gpus_per_actor, summary=settings)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"score: {e}")
-    summary = {"users": users, "k": config.k, "output": config.output, "int8": config.int8,
+    summary = {**settings, "users": users, "output": config.output,
                "seconds": round(time.perf_counter() - start, 2)}
     print(json.dumps(summary, indent=2))
     return summary

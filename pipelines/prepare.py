@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -51,6 +49,7 @@ from pipelines.logs import (REJECT_REASONS, ColumnNames, LogError, LogSchema, ch
                             read_units, resolve_inputs, validate)
 from pipelines.prepare_sink import ScatterByUserSink, partition_dir
 from pipelines.prepared import ITEM_INDEX_ORDER, ITEMS_DIR, SEQUENCES_DIR, STATS_FILE
+from pipelines.staged_output import staged_output
 from slmrec.config import field
 
 # Partitions' item counts summed per task in the k-core rounds.
@@ -131,29 +130,13 @@ def run_prepare(config: PrepareConfig, schema: LogSchema | None = None) -> dict[
     `schema` is preflight's result when the caller already ran it."""
     schema = schema or preflight(config)
     # Absolute: the tasks that write these may run on other nodes, in other folders.
-    out = Path(config.output).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    scratch = (Path(config.scratch_dir).absolute() / tmp.name if config.scratch_dir
-               else tmp / "_scratch")
-    try:
-        stats = _run(config, schema, tmp, scratch)
-        shutil.rmtree(scratch, ignore_errors=True)
-        _move_into_place(tmp, out)
-        return stats
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    with staged_output(config.output) as tmp:
+        scratch = (Path(config.scratch_dir).absolute() / tmp.name if config.scratch_dir
+                   else tmp / "_scratch")
+        try:
+            return _run(config, schema, tmp, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _num_partitions(config: PrepareConfig, schema: LogSchema) -> int:

@@ -24,7 +24,13 @@ import pyarrow as pa
 import pyarrow.dataset as pa_dataset
 
 from pipelines.catalog import ItemCatalog
-from pipelines.prepared import sequences_dataset
+from pipelines.prepared import read_stats, sequences_dataset
+from pipelines.staged_output import staged_output
+from slmrec.checkpoint import atomic_write_json
+
+# Written last into a finished scores directory: settings and the user count. The "_"
+# keeps it out of Parquet readers' way (pyarrow, Spark and Ray Data skip such files).
+SUMMARY_FILE = "_summary.json"
 
 if TYPE_CHECKING:
     import ray.data
@@ -85,12 +91,21 @@ def score_users(sequences: "ray.data.Dataset", load_recommender: Callable[[], Re
 def score_prepared(prepared: str | Path, output: str | Path,
                    load_recommender: Callable[[], Recommender], k: int,
                    exclude_seen: bool = True, batch_size: int = 256, num_actors: int = 1,
-                   num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0) -> int:
-    """Score every user of a prepared directory into Parquet files under `output`;
-    returns the number of users written."""
+                   num_cpus_per_actor: float = 1.0, num_gpus_per_actor: float = 0.0,
+                   summary: dict[str, Any] | None = None) -> int:
+    """Score every user of a prepared directory into Parquet files under `output`, with
+    `summary` (plus the user count) as _summary.json; returns the number of users written.
+    `output` appears only once every user is written, so a killed run leaves no partial
+    output that would pass for a finished one."""
     catalog = ItemCatalog.from_prepared(prepared)
-    scored = score_users(sequences_dataset(prepared), load_recommender, catalog, k,
-                         exclude_seen, batch_size, num_actors, num_cpus_per_actor, num_gpus_per_actor)
-    # Streamed straight to Parquet: the scored users are never all in memory at once.
-    scored.write_parquet(str(output))
-    return pa_dataset.dataset(str(output), format="parquet").count_rows()
+    expected = read_stats(prepared)["users"]
+    with staged_output(output) as tmp:
+        scored = score_users(sequences_dataset(prepared), load_recommender, catalog, k,
+                             exclude_seen, batch_size, num_actors, num_cpus_per_actor, num_gpus_per_actor)
+        # Streamed straight to Parquet: the scored users are never all in memory at once.
+        scored.write_parquet(str(tmp))
+        users = pa_dataset.dataset(str(tmp), format="parquet").count_rows()
+        if users != expected:
+            raise RuntimeError(f"scored {users} users but {prepared} holds {expected}")
+        atomic_write_json(tmp / SUMMARY_FILE, {**(summary or {}), "users": users})
+    return users

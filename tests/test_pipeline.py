@@ -35,3 +35,28 @@ def test_pipeline_stages_get_flags_their_parsers_accept_and_chain(ray_session, t
     assert distilled.backbone.layers == defaults.teacher_layers
     assert distilled.student_layers == defaults.student_layers and distilled.ms_weight == 0  # one block
     assert f"python jobs/distill.py --data {distilled.data}" in capsys.readouterr().out
+
+
+def test_a_rerun_skips_finished_stages_by_their_completion_files(ray_session, tmp_path, monkeypatch):
+    import importlib
+
+    from jobs import pipeline
+    from pipelines.scoring import SUMMARY_FILE
+
+    root = tmp_path / "demo"
+    (root / "logs").mkdir(parents=True)
+    (root / "logs" / "ml-100k.parquet").touch()
+    (root / "prepared").mkdir()
+    (root / "prepared" / "stats.json").touch()
+    (root / "distill").mkdir()
+    (root / "distill" / "REPORT.md").touch()
+    (root / "scores").mkdir()  # no summary: scoring never finished
+    calls: list[str] = []
+    for stage in STAGES:
+        monkeypatch.setattr(importlib.import_module(f"jobs.{stage}"), "main",
+                            lambda argv, stage=stage: calls.append(stage))
+    pipeline.run(pipeline.PipelineConfig(output=str(root)))
+    assert calls == ["score"]
+    (root / "scores" / SUMMARY_FILE).touch()
+    pipeline.run(pipeline.PipelineConfig(output=str(root)))
+    assert calls == ["score"]

@@ -5,11 +5,14 @@ full `logits` over all items, history items set to -inf, torch.topk.
 """
 from __future__ import annotations
 
+import json
+
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from jobs.score import main as score_main
+from pipelines.scoring import SUMMARY_FILE
 from tests.tiny_serving import item_id, random_histories, tiny_model, write_prepared
 
 K = 30  # with histories of up to 12 of 40 items, some users have fewer than K left
@@ -35,6 +38,9 @@ def test_offline_top_k_equals_in_process_model(ray_session, tmp_path):
                           "--output", str(tmp_path / "scores"), "--k", str(K),
                           "--batch-size", "5", "--chunk-size", "7", "--num-cpus", "2"])
     assert summary["users"] == len(histories)
+    written = json.loads((tmp_path / "scores" / SUMMARY_FILE).read_text())
+    assert (written["users"], written["k"], written["model"]) == (len(histories), K, str(tmp_path / "model"))
+    assert not list(tmp_path.glob(".scores.tmp-*")), "staging directory left behind"
 
     rows = pq.read_table(tmp_path / "scores").to_pylist()
     assert sorted(r["user_id"] for r in rows) == sorted(f"u{i}" for i in range(len(histories)))
@@ -76,6 +82,27 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, k, output_exists, mo
     else:
         assert message in str(exit_info.value.code)
 
+
+def test_a_run_that_does_not_score_every_user_leaves_no_output(ray_session, tmp_path):
+    # stats.json counts one user more than the sequences hold, as a lost partition would.
+    prepared = write_prepared(tmp_path / "prepared", random_histories(6))
+    stats = json.loads((prepared / "stats.json").read_text())
+    (prepared / "stats.json").write_text(json.dumps(dict(stats, users=7)))
+    tiny_model().save(tmp_path / "model")
+    with pytest.raises(RuntimeError, match="scored 6 users but .* holds 7"):
+        score_main(["--model", str(tmp_path / "model"), "--data", str(prepared),
+                    "--output", str(tmp_path / "scores"), "--k", "3"])
+    # Nothing a rerun (or jobs/pipeline.py) could take for finished scores.
+    assert not (tmp_path / "scores").exists() and not list(tmp_path.glob(".scores.*"))
+
+
+def test_actors_that_leave_no_cpu_for_reading_are_refused(ray_session, tmp_path):
+    # The session's Ray has 2 CPUs: two 1-CPU actors would wait forever for their input.
+    prepared = write_prepared(tmp_path / "prepared", random_histories(4))
+    tiny_model().save(tmp_path / "model")
+    with pytest.raises(SystemExit, match="--num-actors 2 x --cpus-per-actor 1 reserve 2 of the cluster's 2 CPUs"):
+        score_main(["--model", str(tmp_path / "model"), "--data", str(prepared),
+                    "--output", str(tmp_path / "scores"), "--k", "3", "--num-actors", "2"])
 
 def test_int8_on_a_gpu_is_refused_by_name(tmp_path, capsys):
     # Dynamic int8 quantisation has CPU kernels only.

@@ -31,6 +31,19 @@ def set_default_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def check_cpus_left_for_reads(reserved: float, reserving: str, advice: str) -> None:
+    """Refuse a job whose long-lived workers or actors (`reserving`, holding `reserved`
+    CPUs) fit the cluster but leave it less than one CPU: Ray Data's read tasks never get
+    one, the data never streams, and the job waits forever without an error. A cluster too
+    small for them altogether is left to the autoscaler."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if reserved <= total < reserved + 1:
+        raise ValueError(f"{reserving} reserve {reserved:g} of the cluster's {total:g} CPUs, leaving none for "
+                         f"Ray Data to read the data; {advice}")
+
+
 def init_local_ray(num_cpus: int | None = 2) -> None:
     """Join the cluster named by RAY_ADDRESS, else start a bounded local one. A no-op when
     Ray is already initialised in this process (tests share one instance)."""

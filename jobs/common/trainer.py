@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config
 from jobs.common.flags import TrainFlags
+from jobs.common.ray_runtime import check_cpus_left_for_reads
 from jobs.common.train_worker import TrainSpec, train_loop
 
 
@@ -35,16 +36,10 @@ def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: 
 
 
 def _check_cpus_left_for_data(flags: TrainFlags) -> None:
-    """Train V2 keeps Ray Data off the CPUs its workers reserve; when they take every CPU of
-    the cluster, the training data never streams and the run hangs without an error."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    reserved = flags.num_workers * flags.cpus_per_worker
-    if reserved <= total < reserved + 1:
-        raise ValueError(f"--num-workers {flags.num_workers} x --cpus-per-worker {flags.cpus_per_worker:g} reserve "
-                         f"{reserved:g} of the cluster's {total:g} CPUs, leaving none for Ray Data to stream the "
-                         f"training data; reserve fewer and use --torch-threads to train on more cores")
+    """Train V2 keeps Ray Data off the CPUs its workers reserve."""
+    check_cpus_left_for_reads(flags.num_workers * flags.cpus_per_worker,
+                              f"--num-workers {flags.num_workers} x --cpus-per-worker {flags.cpus_per_worker:g}",
+                              "reserve fewer and use --torch-threads to train on more cores")
 
 
 def run_name_for(output_dir: str, explicit: str | None) -> str:
