@@ -133,7 +133,20 @@ def validate(config: DistillConfig, teacher_dir: Path) -> int:
     if config.ms_weight > 0 and config.blocks < 2:
         raise SystemExit("--ms-weight > 0 needs --blocks >= 2 (the extra heads sit on the first B-1 blocks)")
     refuse_validation_leak(teacher_dir, "--teacher", validated=not config.train_on_valid)
+    check_teacher_items(teacher_dir, config.data)
     return depth
+
+
+def check_teacher_items(teacher_dir: Path, data: str) -> None:
+    """Exit when the teacher was trained on other items than `data` holds: its scores and
+    item table would stand for other items, without any error."""
+    from pipelines.prepared import num_items, vocabulary_digest
+    from slmrec.recommend import check_vocabulary
+
+    try:
+        check_vocabulary(teacher_dir, num_items(data), vocabulary_digest(data))
+    except ValueError as e:
+        raise SystemExit(f"--teacher: {e}") from e
 
 
 def ensure_teacher(config: DistillConfig, output: Path) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from jobs.common.ray_runtime import check_cpus_left_for_reads, init_local_ray
-from pipelines.prepared import num_items
+from pipelines.prepared import num_items, vocabulary_digest
 from pipelines.scoring import score_prepared
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender, check_vocabulary
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Checks that need no Ray run first, so a typo fails at once.
     try:
         items = num_items(config.data)
-        check_vocabulary(config.model, items)
+        check_vocabulary(config.model, items, vocabulary_digest(config.data))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"score: {e}")
     if config.k > items:

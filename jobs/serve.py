@@ -49,7 +49,7 @@ from ray import serve
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from jobs.common.model_spec import split_model_spec
 from pipelines.catalog import ItemCatalog, UserHistories
-from pipelines.prepared import num_items
+from pipelines.prepared import num_items, vocabulary_digest
 from slmrec.config import field, parse_config
 from slmrec.recommend import Recommender, check_vocabulary
 
@@ -189,8 +189,9 @@ class RecommenderService:
         self.specs = model_specs(self.config)
         self.default_model = next(iter(self.specs))
         self.catalog = ItemCatalog.from_prepared(self.config.data)
+        vocabulary = vocabulary_digest(self.config.data)
         for path, _ in self.specs.values():
-            check_vocabulary(path, self.catalog.num_items)
+            check_vocabulary(path, self.catalog.num_items, vocabulary)
         self.histories = UserHistories.from_prepared(self.config.data)
         self.max_k = min(self.config.max_k, self.catalog.num_items)
         self.stats = {"batches": 0, "batched_users": 0}
@@ -309,8 +310,9 @@ def main(argv: list[str] | None = None) -> None:
     # Ray and Serve have started.
     try:
         specs = model_specs(config)
+        items, vocabulary = num_items(config.data), vocabulary_digest(config.data)
         for path, _ in specs.values():
-            check_vocabulary(path, num_items(config.data))
+            check_vocabulary(path, items, vocabulary)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"serve: {e}")
 

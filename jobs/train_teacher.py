@@ -72,10 +72,14 @@ def ensure_item_table(config: TeacherConfig, output: Path) -> str:
 
 def model_args(config: TeacherConfig, num_items: int, backbone: BackboneConfig | None = None,
                aux_heads: int = 0) -> dict:
+    from pipelines.prepared import vocabulary_digest
     from slmrec.config import to_dict
 
+    # The digest goes into every checkpoint (students inherit it), so serving and scoring
+    # can refuse data whose item indices mean other items.
     return {"num_items": num_items, "item_dim": config.item_dim, "backbone": to_dict(backbone or config.backbone),
-            "aux_heads": aux_heads, "prompt": config.prompt, "max_len": config.max_len}
+            "aux_heads": aux_heads, "prompt": config.prompt, "max_len": config.max_len,
+            "vocabulary": vocabulary_digest(config.data)}
 
 
 def run(config: TeacherConfig) -> Path:

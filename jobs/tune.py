@@ -276,7 +276,7 @@ def run(config: TuneConfig) -> Path:
     from jobs.common.ray_runtime import init_local_ray
     from jobs.common.tune_report import trial_row
     from jobs.common.validation_leak import refuse_validation_leak
-    from jobs.distill import resolve_model_dir
+    from jobs.distill import check_teacher_items, resolve_model_dir
     from slmrec.checkpoint import atomic_write_json, load_meta
 
     output = Path(config.output).resolve()
@@ -287,6 +287,7 @@ def run(config: TuneConfig) -> Path:
         raise SystemExit(f"--teacher {config.teacher}: {e}; expected the output of jobs/train_teacher.py") from e
     check_config(config, teacher_layers)
     refuse_validation_leak(teacher_dir, "--teacher", validated=True)
+    check_teacher_items(teacher_dir, config.data)
     name = config.name or output.name
     storage = config.storage_path or str(output / "ray")
     if "://" not in storage:

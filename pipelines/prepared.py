@@ -11,6 +11,7 @@ A prepared directory holds:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,17 @@ def _require(path: Path, what: str) -> Path:
 def read_stats(path: str | Path) -> dict[str, Any]:
     """The stats.json of a prepared directory (row accounting, users, items, settings)."""
     return json.loads(_require(Path(path) / STATS_FILE, STATS_FILE).read_text())
+
+
+def vocabulary_digest(path: str | Path) -> str:
+    """sha256 of the item ids in item-index order: two prepared directories with equal
+    digests map every item index to the same original id."""
+    items = pq.read_table(_require(Path(path) / ITEMS_DIR, f"{ITEMS_DIR}/ directory"),
+                          columns=["item_id", "item_index"]).sort_by("item_index")
+    digest = hashlib.sha256()
+    for batch in items.select(["item_id"]).to_batches(max_chunksize=1 << 20):
+        digest.update(("\n".join(str(v) for v in batch.column(0).to_pylist()) + "\n").encode())
+    return digest.hexdigest()
 
 
 def num_items(path: str | Path) -> int:

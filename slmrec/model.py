@@ -48,6 +48,8 @@ class RecommenderConfig:
     aux_heads: int = field(0, help="extra score heads for multiple supervision (distillation)")
     prompt: bool = field(True, help="prepend the instruction prompt when the backbone has a tokenizer")
     max_len: int = field(50, help="longest item sequence accepted")
+    vocabulary: str = field("", help="digest of the training data's item ids in index order "
+                                     "(pipelines.prepared.vocabulary_digest); empty: not recorded")
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):

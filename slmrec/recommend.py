@@ -62,14 +62,21 @@ def recommend(model: SeqRecommender, histories: Sequence[Sequence[int]], k: int,
     return scores.cpu(), indices.cpu()
 
 
-def check_vocabulary(directory: str | Path, num_items: int) -> None:
+def check_vocabulary(directory: str | Path, num_items: int, vocabulary: str = "") -> None:
     """Refuse a saved model trained on another item vocabulary than the data it is about
-    to serve: its item indices would map to the wrong original ids without any error.
-    Reads only the checkpoint's JSON, so jobs can check before starting any work."""
-    model_items = load_meta(directory)["config"]["num_items"]
-    if model_items != num_items:
-        raise ValueError(f"model {directory} was trained on {model_items} items but the "
+    to serve: its item indices would map to the wrong original ids without any error. The
+    item count catches most; the digest of the ids in index order (where the model and
+    the caller both have one) also catches the same count in another order, as after
+    preparing a newer log. Reads only the checkpoint's JSON, so jobs can check before
+    starting any work."""
+    config = load_meta(directory)["config"]
+    if config["num_items"] != num_items:
+        raise ValueError(f"model {directory} was trained on {config['num_items']} items but the "
                          f"prepared data has {num_items}; use the prepared data it was trained on")
+    if vocabulary and config.get("vocabulary") and config["vocabulary"] != vocabulary:
+        raise ValueError(f"model {directory} was trained on other items than the prepared data's "
+                         f"{num_items} (same count, other ids by index: prepared again?); use the "
+                         "prepared data it was trained on")
 
 
 @dataclass

@@ -83,6 +83,36 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, k, output_exists, mo
         assert message in str(exit_info.value.code)
 
 
+def test_a_model_is_refused_on_the_same_number_of_items_in_another_order(tmp_path):
+    import dataclasses
+
+    import pyarrow as pa
+
+    from pipelines.prepared import vocabulary_digest
+    from slmrec.model import build_recommender
+    from slmrec.recommend import check_vocabulary
+
+    prepared = write_prepared(tmp_path / "prepared", random_histories(4))
+    again = write_prepared(tmp_path / "again", random_histories(4))
+    items = pq.read_table(again / "items")
+    ids = items["item_id"].to_pylist()
+    pq.write_table(items.set_column(0, "item_id", pa.array([ids[1], ids[0], *ids[2:]], pa.int64())),
+                   again / "items" / "part-0.parquet")
+    assert vocabulary_digest(prepared) == vocabulary_digest(tmp_path / "prepared")
+    assert vocabulary_digest(again) != vocabulary_digest(prepared)
+
+    model = tiny_model()
+    recorded = build_recommender(dataclasses.replace(model.config, vocabulary=vocabulary_digest(prepared)),
+                                 model.item_table)
+    recorded.save(tmp_path / "model")
+    check_vocabulary(tmp_path / "model", 40, vocabulary_digest(prepared))
+    with pytest.raises(SystemExit, match="same count, other ids by index"):
+        score_main(["--model", str(tmp_path / "model"), "--data", str(again),
+                    "--output", str(tmp_path / "scores"), "--k", "3"])
+    # A model saved before digests were recorded is checked on its item count alone.
+    model.save(tmp_path / "old")
+    check_vocabulary(tmp_path / "old", 40, vocabulary_digest(again))
+
 def test_a_run_that_does_not_score_every_user_leaves_no_output(ray_session, tmp_path):
     # stats.json counts one user more than the sequences hold, as a lost partition would.
     prepared = write_prepared(tmp_path / "prepared", random_histories(6))

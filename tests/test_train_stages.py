@@ -16,7 +16,7 @@ from bench.rescore_protocols import BenchConfig as RescoreConfig, rescore
 from jobs.distill import DistillConfig, run as run_distill
 from jobs.pretrain_items import PretrainItemsConfig, load_item_table, run as run_items
 from jobs.train_teacher import TeacherConfig, run as run_teacher
-from pipelines.prepared import SEQUENCES_DIR
+from pipelines.prepared import SEQUENCES_DIR, vocabulary_digest
 from slmrec.backbones import BackboneConfig
 from slmrec.checkpoint import save_checkpoint
 from slmrec.model import SeqRecommender
@@ -88,6 +88,7 @@ def test_teacher_two_workers_lowers_loss_and_reports(teacher_run, tiny_prepared)
         assert (teacher_run / name).is_file(), name
     model = SeqRecommender.load(teacher_run / "best")
     assert model.depth == 4
+    assert model.config.vocabulary == vocabulary_digest(tiny_prepared)  # serving checks it
     # ...and the one tested: re-scoring it outside Ray gives the reported test metrics.
     sequences = pq.read_table(tiny_prepared / SEQUENCES_DIR, columns=["item_index"])["item_index"].to_pylist()
     rescored = rescore(str(teacher_run / "best"), sequences, RescoreConfig(model=(), data=str(tiny_prepared)))
@@ -174,6 +175,7 @@ def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
     assert "0.5 x logit distillation (T = 1.0; not in the paper)" in (out / "REPORT.md").read_text()
     student = SeqRecommender.load(out / "best")
     assert student.depth == 2 and len(student.aux_heads) == 1
+    assert student.config.vocabulary == vocabulary_digest(tiny_prepared)
 
 
 @pytest.mark.parametrize("flags, message", [
