@@ -175,11 +175,13 @@ def run(config: DistillConfig) -> Path:
     from jobs.common.trainer import fit, make_spec, run_name_for
 
     output = Path(config.output).resolve()
+    # A given teacher is checked before Ray starts; one trained here, once it exists.
     if config.teacher:
         validate(config, resolve_model_dir(config.teacher))
     init_local_ray()
     teacher_dir = ensure_teacher(config, output)
-    validate(config, teacher_dir)
+    if not config.teacher:
+        validate(config, teacher_dir)
     splits = load_splits(config.data, config.max_len, config.valid_fraction, config.train_on_valid)
     spec = make_spec(config, str(output), splits.users - splits.too_short)
     fit(config, spec, build_task, task_args(config, teacher_dir), splits.as_dict(),

@@ -8,8 +8,8 @@ On a cluster (model, data and output on storage every node shares):
 
 Writes Parquet files under OUTPUT with one row per user: user_id, items (original item
 ids, best first) and scores (float32), and _summary.json (settings, users). OUTPUT appears
-only once every user of the prepared data is written. A user's whole kept sequence is its history, and
-with --exclude-seen (the default) items already in it are not recommended. The work runs
+only once every user of the prepared data is written. A user's whole kept sequence is its
+history, and with --exclude-seen (the default) items already in it are not recommended. The work runs
 on Ray Data (map_batches over an actor pool; pipelines/scoring.py).
 """
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E401,E702

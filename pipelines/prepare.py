@@ -21,9 +21,9 @@ How it scales (measured choices, see bench/prepare_vs_duckdb.py and ENVIRONMENT.
    no groupby/map_groups (both measured far slower here), nothing collected on the driver.
  - One Ray task per partition deduplicates with DuckDB (memory-limited, spilling).
  - k-core rounds: each partition task returns its item counts (O(items)), tasks sum them
-   in a tree of fan-in SUM_FAN_IN, the driver broadcasts the surviving item set; users are partition-local, so their test is
-   exact inside the task. The per-round state is recomputed from the deduplicated base, so
-   rounds read but never rewrite the data.
+   in a tree of fan-in SUM_FAN_IN, and the driver broadcasts the surviving item set; users
+   are partition-local, so their test is exact inside the task. The per-round state is
+   recomputed from the deduplicated base, so rounds read but never rewrite the data.
  - A last task per partition orders, truncates, maps item ids to indices and writes the
    sequences. P = ceil(rows / rows_per_partition), so per-task memory is set by settings.
 Everything is written under a temporary sibling of the output and renamed into place at the
@@ -54,6 +54,7 @@ from slmrec.config import field
 
 # Partitions' item counts summed per task in the k-core rounds.
 SUM_FAN_IN = 16
+
 
 @dataclass
 class PrepareConfig:
