@@ -50,8 +50,10 @@ def build_task(args: dict):
                              cosine_temperature=args["cosine_temperature"]))
 
 
-def export_item_table(output: Path, num_items: int) -> Path:
-    """OUTPUT/best (SASRec) -> OUTPUT/item_table, the file later stages read."""
+def export_item_table(output: Path, num_items: int, vocabulary: str) -> Path:
+    """OUTPUT/best (SASRec) -> OUTPUT/item_table, the file later stages read. `vocabulary`
+    (pipelines.prepared.vocabulary_digest of the training data) lets them refuse data whose
+    item indices mean other items."""
     from slmrec.checkpoint import save_checkpoint
     from slmrec.sasrec import SASRec
 
@@ -60,21 +62,40 @@ def export_item_table(output: Path, num_items: int) -> Path:
     if table.shape[0] != num_items + 1:
         raise ValueError(f"SASRec in {output / 'best'} has {table.shape[0] - 1} items, the data has {num_items}")
     return save_checkpoint(output / ITEM_TABLE_DIR, {"item_table": table},
-                           {"format": "slmrec.ItemTable/1", "num_items": num_items, "item_dim": table.shape[1]})
+                           {"format": "slmrec.ItemTable/1", "num_items": num_items, "item_dim": table.shape[1],
+                            "vocabulary": vocabulary})
 
 
-def load_item_table(path: str | Path, num_items: int):
-    """The frozen table from a pretrain_items output (or its item_table/ directory)."""
-    from slmrec.checkpoint import load_checkpoint
+def check_item_table(path: str | Path, num_items: int, vocabulary: str = "") -> Path:
+    """The item_table/ directory of a pretrain_items output (or that directory itself), once
+    its JSON says it covers the prepared data's items: the same count and, where the table
+    and the caller both have a digest, the same ids by index. Reads no tensors."""
+    from slmrec.checkpoint import load_meta
 
     path = Path(path)
     directory = path / ITEM_TABLE_DIR if (path / ITEM_TABLE_DIR).is_dir() else path
-    tensors, meta = load_checkpoint(directory)
-    if meta.get("format") != "slmrec.ItemTable/1" or "item_table" not in tensors:
+    try:
+        meta = load_meta(directory)
+    except FileNotFoundError as e:
+        raise ValueError(f"{directory}: not an item table written by jobs/pretrain_items.py ({e})") from e
+    if meta.get("format") != "slmrec.ItemTable/1":
         raise ValueError(f"{directory}: not an item table written by jobs/pretrain_items.py")
     if meta["num_items"] != num_items:
         raise ValueError(f"item table {directory} covers {meta['num_items']} items but the prepared data has "
                          f"{num_items}: it was trained on other data")
+    if vocabulary and meta.get("vocabulary") and meta["vocabulary"] != vocabulary:
+        raise ValueError(f"item table {directory} was trained on other items than the prepared data's "
+                         f"{num_items} (same count, other ids by index: prepared again?)")
+    return directory
+
+
+def load_item_table(path: str | Path, num_items: int, vocabulary: str = ""):
+    """The frozen table from a pretrain_items output, checked as `check_item_table` does."""
+    from slmrec.checkpoint import load_checkpoint
+
+    tensors, _ = load_checkpoint(check_item_table(path, num_items, vocabulary))
+    if "item_table" not in tensors:
+        raise ValueError(f"{path}: not an item table written by jobs/pretrain_items.py")
     return tensors["item_table"]
 
 
@@ -83,6 +104,7 @@ def run(config: PretrainItemsConfig) -> Path:
     from jobs.common.ray_runtime import init_local_ray
     from jobs.common.report import write_training_report
     from jobs.common.trainer import fit, make_spec, run_name_for
+    from pipelines.prepared import vocabulary_digest
 
     init_local_ray()
     output = Path(config.output).resolve()
@@ -95,7 +117,7 @@ def run(config: PretrainItemsConfig) -> Path:
                  "heads": config.heads, "dropout": config.dropout, "max_len": config.max_len,
                  "cosine_temperature": config.cosine_temperature}
     fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
-    table_dir = export_item_table(output, splits.num_items)
+    table_dir = export_item_table(output, splits.num_items, vocabulary_digest(config.data))
     write_training_report(output, "Stage 0: SASRec item table",
                           sampled_negatives=config.sampled_negatives)
     print(f"[items] item table -> {table_dir}; report -> {output / 'REPORT.md'}", flush=True)

@@ -43,7 +43,7 @@ def build_task(args: dict):
     from slmrec.tasks import NextItemTask
 
     config = RecommenderConfig(**args["model"])
-    table = load_item_table(args["item_table"], config.num_items)
+    table = load_item_table(args["item_table"], config.num_items, config.vocabulary)
     return NextItemTask(build_recommender(config, table, seed=args["seed"]))
 
 
@@ -87,6 +87,7 @@ def run(config: TeacherConfig) -> Path:
     from jobs.common.ray_runtime import init_local_ray
     from jobs.common.report import write_training_report
     from jobs.common.trainer import fit, make_spec, run_name_for
+    from jobs.pretrain_items import check_item_table
 
     output = Path(config.output).resolve()
     if not config.backbone.is_scratch:
@@ -101,8 +102,12 @@ def run(config: TeacherConfig) -> Path:
     init_local_ray()
     item_table = ensure_item_table(config, output)
     splits = load_splits(config.data, config.max_len, config.valid_fraction, config.train_on_valid)
-    spec = make_spec(config, str(output), splits.users - splits.too_short)
     task_args = {"model": model_args(config, splits.num_items), "item_table": item_table, "seed": config.seed}
+    try:  # before the workers start: a table of other data fails here, not in each worker
+        check_item_table(item_table, splits.num_items, task_args["model"]["vocabulary"])
+    except ValueError as e:
+        raise SystemExit(f"--item-table: {e}") from e
+    spec = make_spec(config, str(output), splits.users - splits.too_short)
     fit(config, spec, build_task, task_args, splits.as_dict(), run_name_for(config.output, config.run_name))
     from slmrec.model import SeqRecommender
 

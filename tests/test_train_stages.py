@@ -14,7 +14,7 @@ import torch
 from bench.rescore_protocols import BenchConfig as RescoreConfig, rescore
 
 from jobs.distill import DistillConfig, run as run_distill
-from jobs.pretrain_items import PretrainItemsConfig, load_item_table, run as run_items
+from jobs.pretrain_items import PretrainItemsConfig, check_item_table, load_item_table, run as run_items
 from jobs.train_teacher import TeacherConfig, run as run_teacher
 from pipelines.prepared import SEQUENCES_DIR, vocabulary_digest
 from slmrec.backbones import BackboneConfig
@@ -25,12 +25,12 @@ TINY = dict(max_len=12, batch_size=8, warmup_steps=2, cpus_per_worker=0.5, eval_
             lr=1e-2, item_dim=16)
 
 
-def _item_table(path: Path, num_items: int) -> Path:
+def _item_table(path: Path, num_items: int, **meta) -> Path:
     torch.manual_seed(0)
     table = torch.randn(num_items + 1, 16) * 0.3
     table[0] = 0
     save_checkpoint(path, {"item_table": table}, {"format": "slmrec.ItemTable/1", "num_items": num_items,
-                                                  "item_dim": 16})
+                                                  "item_dim": 16, **meta})
     return path
 
 
@@ -50,10 +50,25 @@ def test_stage0_exports_the_table_it_scored_against(ray_session, tiny_prepared, 
     assert "the last epoch, 2, is tested" in (out / "REPORT.md").read_text()
     for name in ("REPORT.md", "report.json", "training_curve.png"):
         assert (out / name).is_file(), name
-    table = load_item_table(out, 30)
+    table = load_item_table(out, 30, vocabulary_digest(tiny_prepared))
     assert table.shape == (31, 16) and torch.equal(table[0], torch.zeros(16))
+    with pytest.raises(ValueError, match="same count, other ids by index"):
+        load_item_table(out, 30, "another digest")
     # Cosine logits: the exported rows are the unit rows the model scored against.
     assert torch.allclose(table[1:].norm(dim=1), torch.ones(30), atol=1e-5)
+
+
+def test_teacher_refuses_an_item_table_of_other_items_before_training(ray_session, tiny_prepared, tmp_path):
+    items = _item_table(tmp_path / "items" / "item_table", 30, vocabulary="digest of another prepare")
+    config = TeacherConfig(data=str(tiny_prepared), output=str(tmp_path / "t"), item_table=str(items.parent),
+                           backbone=BackboneConfig(layers=2, hidden=16, heads=2), **TINY)
+    with pytest.raises(SystemExit, match=r"--item-table: .* \(same count, other ids by index"):
+        run_teacher(config)
+    assert not (tmp_path / "t").exists()
+    # A table from before digests were recorded is checked on its item count alone.
+    assert check_item_table(_item_table(tmp_path / "old", 30), 30, "any") == tmp_path / "old"
+    with pytest.raises(ValueError, match="covers 30 items but the prepared data has 31"):
+        check_item_table(tmp_path / "old", 31)
 
 
 def _two_worker_teacher(data: Path, out: Path, table: Path, zero: int) -> TeacherConfig:
