@@ -16,6 +16,7 @@ from typing import Literal
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from pipelines import importers
+from pipelines.staged_output import staged_output
 from pipelines.synthetic import SyntheticSpec, write_synthetic
 from slmrec.config import field, parse_config
 
@@ -39,30 +40,42 @@ class ImportConfig:
                                         "(refused otherwise: prepare would read old and new)")
 
 
+def write_log(cfg: ImportConfig, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    if cfg.dataset == "ml-1m":
+        return [importers.movielens_1m(out_dir)]
+    if cfg.dataset == "ml-100k":
+        return [importers.movielens_100k(out_dir)]
+    if cfg.dataset == "amazon-2018":
+        if not cfg.input:
+            sys.exit("import_data: --dataset amazon-2018 needs --input FILE [FILE ...]")
+        return importers.amazon_2018(cfg.input, out_dir)
+    return write_synthetic(SyntheticSpec(
+        rows=cfg.rows, items=cfg.items, mean_len=cfg.mean_len, zipf_a=cfg.zipf_a,
+        follow=cfg.follow, seed=cfg.seed, rows_per_shard=cfg.rows_per_shard), out_dir)
+
+
 def main(argv: list[str] | None = None) -> list[pathlib.Path]:
     cfg = parse_config(ImportConfig, __doc__, argv)
     refuse_relative_paths_if_submitted(cfg, "import_data")
-    old = sorted(pathlib.Path(cfg.output).glob("*.parquet"))
-    if old and not cfg.overwrite:
-        sys.exit(f"import_data: {cfg.output} already holds {len(old)} Parquet file(s) "
-                 f"({old[0].name}, ...); prepare reads every one, so use an empty directory "
-                 "or --overwrite")
-    for path in old:
-        path.unlink()
-    if cfg.dataset == "ml-1m":
-        paths = [importers.movielens_1m(cfg.output)]
-    elif cfg.dataset == "ml-100k":
-        paths = [importers.movielens_100k(cfg.output)]
-    elif cfg.dataset == "amazon-2018":
-        if not cfg.input:
-            sys.exit("import_data: --dataset amazon-2018 needs --input FILE [FILE ...]")
-        paths = importers.amazon_2018(cfg.input, cfg.output)
-    else:
-        paths = write_synthetic(SyntheticSpec(
-            rows=cfg.rows, items=cfg.items, mean_len=cfg.mean_len, zipf_a=cfg.zipf_a,
-            follow=cfg.follow, seed=cfg.seed, rows_per_shard=cfg.rows_per_shard), cfg.output)
-    print(f"wrote {len(paths)} file(s) under {cfg.output}")
-    return paths
+    out = pathlib.Path(cfg.output)
+    if out.exists():
+        if not out.is_dir():
+            sys.exit(f"import_data: --output {out} is a file, not a directory")
+        # The log is written beside --output and replaces it whole, so a killed import
+        # leaves the old log (or none), never a part that prepare would read as the log.
+        others = sorted(p.name for p in out.iterdir() if p.suffix != ".parquet")
+        if others:
+            sys.exit(f"import_data: {out} holds files other than Parquet ({others[0]}, ...); the "
+                     "import replaces --output as a whole, so give it a directory of its own")
+        old = sorted(out.glob("*.parquet"))
+        if old and not cfg.overwrite:
+            sys.exit(f"import_data: {out} already holds {len(old)} Parquet file(s) "
+                     f"({old[0].name}, ...); prepare reads every one, so use an empty directory "
+                     "or --overwrite")
+    with staged_output(out) as staging:
+        paths = write_log(cfg, staging)
+    print(f"wrote {len(paths)} file(s) under {out}")
+    return [out / p.name for p in paths]
 
 
 if __name__ == "__main__":

@@ -87,3 +87,29 @@ def test_import_refuses_an_output_that_holds_parquet_files_unless_overwritten(tm
     # A smaller log replaces every old shard: none is left for prepare to read twice.
     assert len(import_data.main([*argv[:3], "100", *argv[4:], "--overwrite"])) == 1
     assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["shard-00000.parquet"]
+
+
+def test_a_failed_import_leaves_the_old_log_whole_and_no_part_of_the_new(tmp_path):
+    from jobs import import_data
+
+    out = tmp_path / "logs"
+    import_data.main(["--dataset", "synthetic", "--rows", "200", "--rows-per-shard", "100", "--output", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    good, bad = tmp_path / "Books.json", tmp_path / "Movies.json"
+    good.write_text('{"reviewerID": "A1", "asin": "B1", "overall": 5.0, "unixReviewTime": 1}\n')
+    bad.write_text('{"reviewerID": "A1", "asin": "B1", "overall": "five", "unixReviewTime": 1}\n')
+    # The first file is imported whole before the second fails.
+    with pytest.raises(ValueError, match="Movies.json: not Amazon 2018 JSON lines"):
+        import_data.main(["--dataset", "amazon-2018", "--input", str(good), str(bad), "--output", str(out),
+                          "--overwrite"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Books.json", "Movies.json", "logs"]
+
+
+def test_import_refuses_an_output_that_holds_other_files(tmp_path):
+    from jobs import import_data
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"holds files other than Parquet \(notes.txt, ...\)"):
+        import_data.main(["--dataset", "ml-100k", "--output", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
