@@ -36,9 +36,10 @@ FLOAT_MODULES = ("score", "aux_heads")
 """Linear layers kept in float32 (see the module docstring)."""
 
 
-def quantize_int8(model: SeqRecommender) -> SeqRecommender:
-    """An int8 (dynamic) copy of `model` in eval mode; `model` itself is left untouched."""
-    quantized = copy.deepcopy(model).eval()
+def quantize_int8(model: SeqRecommender, inplace: bool = False) -> SeqRecommender:
+    """An int8 (dynamic) copy of `model` in eval mode; `model` itself is left untouched
+    unless `inplace` (a model loaded only to be quantised need not exist twice in memory)."""
+    quantized = (model if inplace else copy.deepcopy(model)).eval()
     merge_lora(quantized)
     qconfig = torch.ao.quantization.default_dynamic_qconfig
     spec = {name: qconfig for name, m in quantized.named_modules()

@@ -105,10 +105,11 @@ class Recommender:
         if int8 and device.type != "cpu":
             raise ValueError(f"int8 models run on the CPU only, not on {device}")
         model = SeqRecommender.load(directory).eval()
-        merge_lora(model)
         if int8:
             # Imported here: slmrec.quantize itself builds on this module.
             from slmrec.quantize import quantize_int8
 
-            model = quantize_int8(model)
+            model = quantize_int8(model, inplace=True)  # merges the adapters too
+        else:
+            merge_lora(model)
         return cls(model.to(device), chunk_size)

@@ -20,6 +20,11 @@ def test_backbone_and_input_proj_are_quantised_fp32_model_untouched():
     assert (n_int8, n_float) == (15, 1)
     assert count_quantized_linears(model) == (0, 16)
     assert torch.equal(quantized.item_table, model.item_table)
+    # In place (what loading for int8 serving does): no second copy of the model.
+    lora = tiny_model(lora="on")
+    assert quantize_int8(lora, inplace=True) is lora
+    assert count_quantized_linears(lora) == (15, 1)
+    assert not any(isinstance(m, BaseTunerLayer) for m in lora.modules())
 
 
 def test_merge_lora_keeps_outputs():
