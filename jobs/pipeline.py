@@ -50,6 +50,8 @@ class PipelineConfig:
     batch_size: int = field(32, help="micro-batch per worker")
     lr: float = field(2e-3, help="peak learning rate of the teacher and the student")
     num_workers: int = field(1, help="Ray Train workers per training stage")
+    num_cpus: int = field(2, help="CPUs of the local Ray instance (ignored on a cluster); training "
+                                  "needs one per worker and one left for reading data")
     k: int = field(20, help="items recommended per user by the offline scoring stage")
 
 
@@ -65,7 +67,7 @@ def run(config: PipelineConfig) -> Path:
 
     root = Path(config.output).resolve()
     logs, prepared, kd, scores = root / "logs", root / "prepared", root / "distill", root / "scores"
-    init_local_ray()
+    init_local_ray(num_cpus=config.num_cpus)
     if not any(logs.glob("*.parquet")):
         _call("import_data", import_data.main, ["--dataset", config.dataset, "--output", str(logs)])
     if not (prepared / "stats.json").is_file():

@@ -19,8 +19,11 @@ def test_pipeline_stages_get_flags_their_parsers_accept_and_chain(ray_session, t
     for stage in STAGES:
         monkeypatch.setattr(importlib.import_module(f"jobs.{stage}"), "main",
                             lambda argv, stage=stage: calls.setdefault(stage, argv))
-    root = pipeline.run(pipeline.PipelineConfig(output=str(tmp_path / "demo")))
+    started: list[int | None] = []
+    monkeypatch.setattr("jobs.common.ray_runtime.init_local_ray", lambda num_cpus=2: started.append(num_cpus))
+    root = pipeline.run(pipeline.PipelineConfig(output=str(tmp_path / "demo"), num_cpus=3))
     monkeypatch.undo()
+    assert started == [3]
     assert list(calls) == list(STAGES), "every stage runs once, in order"
 
     imported, prepared, distilled, scored = (parse_job_flags(stage, calls[stage]) for stage in STAGES)
