@@ -16,7 +16,7 @@ import json
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from jobs.common.ray_runtime import init_local_ray
 from pipelines.logs import LogError
-from pipelines.prepare import PrepareConfig, preflight, run_prepare
+from pipelines.prepare import PrepareConfig, SettingsError, preflight, run_prepare
 from slmrec.config import parse_config
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
         schema = preflight(config)  # bad input fails here, before Ray starts
         init_local_ray()
         stats = run_prepare(config, schema)
-    except (LogError, FileExistsError) as e:
+    except (LogError, SettingsError, FileExistsError) as e:
         # A LogError raised in a Ray task arrives as RayTaskError(LogError), whose text is
         # the remote traceback; the message is its cause's.
         sys.exit(f"prepare: {getattr(e, 'cause', None) or e}")

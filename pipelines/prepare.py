@@ -140,6 +140,26 @@ def run_prepare(config: PrepareConfig, schema: LogSchema | None = None) -> dict[
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+class SettingsError(ValueError):
+    """Settings the cluster cannot run; the message names the flags."""
+
+
+def check_task_fits(config: PrepareConfig) -> None:
+    """A partition task asks one node for --task-threads CPUs and --task-memory-mb; where no
+    node has both, Ray keeps it pending forever, so the job would hang, not fail."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    memory = config.task_memory_mb * 2**20
+    if any(r.get("CPU", 0) >= config.task_threads and r.get("memory", 0) >= memory for r in nodes):
+        return
+    cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+    mib = max((r.get("memory", 0) for r in nodes), default=0) / 2**20
+    raise SettingsError(f"no node can run a partition task of --task-threads {config.task_threads} and "
+                        f"--task-memory-mb {config.task_memory_mb} (the largest node has {cpus:g} CPUs, "
+                        f"{mib:.0f} MiB of Ray memory); lower them")
+
+
 def _num_partitions(config: PrepareConfig, schema: LogSchema) -> int:
     if config.num_partitions:
         return config.num_partitions
@@ -156,10 +176,7 @@ def _run(config: PrepareConfig, schema: LogSchema, tmp: Path, scratch: Path) -> 
     settings = kernels.KernelSettings(config.task_threads, config.task_memory_mb,
                                       str(scratch / "spill"))
     task = {"num_cpus": config.task_threads, "memory": config.task_memory_mb * 2**20}
-    # A request beyond the whole cluster's memory would leave the tasks pending forever.
-    if ray.cluster_resources().get("memory", 0) < task["memory"]:
-        raise ValueError(f"--task-memory-mb {config.task_memory_mb} exceeds the cluster's memory "
-                         f"resource ({ray.cluster_resources().get('memory', 0) / 2**20:.0f} MiB)")
+    check_task_fits(config)
 
     # 1. Stream the log once: reject null rows, scatter rows by user hash.
     sink = ScatterByUserSink(str(scratch / "parts"), config.columns, schema,

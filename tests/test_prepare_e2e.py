@@ -114,3 +114,15 @@ def test_failed_run_leaves_no_output(ray_session, tmp_path):
                                   item_column="iid", timestamp_column="ts"))
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["log"]
+
+
+def test_partition_tasks_no_node_can_run_are_refused_not_left_pending(ray_session, tmp_path):
+    # The session's Ray has 2 CPUs: tasks of 3 threads would wait for a node forever.
+    argv = ["--input", hand_log(tmp_path / "log"), "--output", str(tmp_path / "out"),
+            "--user-column", "uid", "--item-column", "iid", "--timestamp-column", "ts"]
+    with pytest.raises(SystemExit, match=r"prepare: no node can run a partition task of --task-threads 3 "
+                                         r"and --task-memory-mb 2048 \(the largest node has 2 CPUs"):
+        prepare_job.main([*argv, "--task-threads", "3"])
+    with pytest.raises(SystemExit, match="--task-memory-mb 99999999"):
+        prepare_job.main([*argv, "--task-memory-mb", "99999999"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
