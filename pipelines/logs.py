@@ -267,13 +267,14 @@ def _cast_time(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def reject_rows(table: pa.Table, min_rating: float | None) -> tuple[pa.Table, dict[str, int]]:
     """Drop rows with a null user_id, item_id or timestamp (and, with a rating filter,
-    a null or too-low rating); return the kept rows and the count per reason."""
+    a null, NaN or too-low rating); return the kept rows and the count per reason."""
     counts = dict.fromkeys(REJECT_REASONS, 0)
     tests = [("null_user_id", pc.is_valid(table[USER])),
              ("null_item_id", pc.is_valid(table[ITEM])),
              ("null_timestamp", pc.is_valid(table[TIME]))]
     if min_rating is not None:
-        tests += [("null_rating", pc.is_valid(table[RATING])),
+        # NaN says "no rating" as null does; compared, it would be counted as too low.
+        tests += [("null_rating", pc.fill_null(pc.invert(pc.is_nan(table[RATING])), False)),
                   ("rating_below_min",
                    pc.fill_null(pc.greater_equal(table[RATING], min_rating), True))]
     keep = None

@@ -66,8 +66,9 @@ class PrepareConfig:
     min_item_interactions: int = field(5, help="k-core: keep items with at least this many interactions")
     max_len: int = field(50, help="keep the most recent max_len + 2 interactions per user "
                                   "(+2: validation and test targets)")
-    min_rating: float | None = field(None, help="reject rows whose rating is below this "
-                                                "(the paper uses 3); off when unset")
+    min_rating: float | None = field(None, help="reject rows whose rating is below this, or "
+                                                "missing (null or NaN: counted as null_rating); "
+                                                "the paper uses 3; off when unset")
     user_column: str = field("user_id", help="name of the user id column in the input")
     item_column: str = field("item_id", help="name of the item id column in the input")
     timestamp_column: str = field("timestamp", help="name of the timestamp column (integer or Parquet timestamp)")

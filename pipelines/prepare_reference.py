@@ -38,11 +38,11 @@ def prepare_with_duckdb(files: list[str], output: str | Path, names: ColumnNames
                 f"{t}::BIGINT AS timestamp{rating} FROM read_parquet({file_list}, union_by_name = true)")
     tests = ["user_id IS NULL", "item_id IS NULL", "timestamp IS NULL"]
     if min_rating is not None:
-        tests += ["rating IS NULL", f"rating < {float(min_rating)!r}"]
+        tests += ["rating IS NULL OR isnan(rating)", f"rating < {float(min_rating)!r}"]
     # First failing test wins, as in pipelines.logs.reject_rows.
     filters, seen = [], []
     for test in tests:
-        filters.append(f"count(*) FILTER (WHERE {' AND '.join([f'NOT ({s})' for s in seen] + [test])})")
+        filters.append(f"count(*) FILTER (WHERE {' AND '.join([f'NOT ({s})' for s in seen] + [f'({test})'])})")
         seen.append(test)
     input_rows, *rejected = con.execute(f"SELECT count(*), {', '.join(filters)} FROM raw").fetchone()
     valid = " AND ".join(f"NOT ({s})" for s in tests)

@@ -1,5 +1,5 @@
 """The Ray pipeline against the plain DuckDB reference (pipelines/prepare_reference.py) on
-a synthetic log with string ids, null cells, low ratings and more partitions than the
+a synthetic log with string ids, null cells, NaN and low ratings and more partitions than the
 k-core's count-summing fan-in (so its counts go through the task tree): every output row
 and every count must agree."""
 from __future__ import annotations
@@ -22,12 +22,16 @@ def messy_log(path) -> str:
     def with_nulls(col: pa.Array, share: float) -> pa.Array:
         return pc.if_else(pa.array(rng.random(len(col)) < share), pa.nulls(len(col), col.type), col)
 
+    def with_nans(col: pa.Array, share: float) -> pa.Array:
+        col = col.cast(pa.float64())
+        return pc.if_else(pa.array(rng.random(len(col)) < share), pa.scalar(float("nan")), col)
+
     users = pc.binary_join_element_wise("user-", table["user_id"].cast(pa.string()), "")
     items = pc.binary_join_element_wise("item-", table["item_id"].cast(pa.string()), "")
     log = pa.table({"user": with_nulls(users.combine_chunks(), 0.01),
                     "item": with_nulls(items.combine_chunks(), 0.01),
                     "ts": with_nulls(table["timestamp"].combine_chunks(), 0.01),
-                    "stars": with_nulls(table["rating"].combine_chunks(), 0.01)})
+                    "stars": with_nulls(with_nans(table["rating"].combine_chunks(), 0.01), 0.01)})
     path.mkdir()
     # Several files and row groups, so the read is split into several units.
     for k, start in enumerate(range(0, log.num_rows, 7_000)):

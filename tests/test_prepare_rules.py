@@ -33,17 +33,18 @@ def ints(*values) -> pa.Array:
 # ---- rule 1: null rows are rejected, counted by their first failing reason ----
 
 def test_reject_rows_counts_each_row_under_its_first_reason():
-    table = pa.table({"user_id": ints(1, None, 2, 3, None, 4, 5),
-                      "item_id": ints(1, 1, None, 3, None, 4, 5),
-                      "timestamp": ints(1, 1, 1, None, None, 4, 5),
-                      "rating": pa.array([5.0, 5.0, 5.0, 5.0, 5.0, 2.0, None])})
+    table = pa.table({"user_id": ints(1, None, 2, 3, None, 4, 5, 6),
+                      "item_id": ints(1, 1, None, 3, None, 4, 5, 6),
+                      "timestamp": ints(1, 1, 1, None, None, 4, 5, 6),
+                      "rating": pa.array([5.0, 5.0, 5.0, 5.0, 5.0, 2.0, None, float("nan")])})
     kept, counts = reject_rows(table, min_rating=None)
-    assert kept["user_id"].to_pylist() == [1, 4, 5]
+    assert kept["user_id"].to_pylist() == [1, 4, 5, 6]
     assert counts == {"null_user_id": 2, "null_item_id": 1, "null_timestamp": 1,
                       "null_rating": 0, "rating_below_min": 0}
     kept, counts = reject_rows(table, min_rating=3.0)
     assert kept["user_id"].to_pylist() == [1]
-    assert counts["null_rating"] == 1 and counts["rating_below_min"] == 1
+    # NaN is a missing rating, not a low one.
+    assert counts["null_rating"] == 2 and counts["rating_below_min"] == 1
 
 
 def test_normalize_maps_column_names_and_parquet_timestamps():
