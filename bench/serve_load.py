@@ -1,7 +1,7 @@
 r"""Serving throughput and latency: Ray Serve over HTTP next to the same model in-process.
 
     python bench/serve_load.py                                   # synthetic student
-    python bench/serve_load.py --model out/distill/model --data out/ml-1m
+    python bench/serve_load.py --model out/distill --data out/ml-1m
     python bench/serve_load.py --batch-sizes 1 8 64 --clients 4 --requests 40
 
 For each model variant (fp32 and its int8 copy) and each batch size B (users per call):
@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from jobs.common.model_spec import resolve_model_dir
 from pipelines.catalog import ItemCatalog
 from slmrec.backbones import BackboneConfig
 from slmrec.model import RecommenderConfig, build_recommender
@@ -198,7 +199,7 @@ def main() -> None:
 
     load_at_start = os.getloadavg()
     tmp = tempfile.TemporaryDirectory()
-    model_path, data = ((Path(args.model), Path(args.data)) if args.model
+    model_path, data = ((resolve_model_dir(args.model), Path(args.data)) if args.model
                         else synthetic_setup(Path(tmp.name), args))
     catalog = ItemCatalog.from_prepared(data)
     torch.set_num_threads(args.cpus)

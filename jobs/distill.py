@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.common.flags import DataFlags, ItemTableFlags, TrainFlags, inherited_settings  # noqa: E402
 from jobs.common.job_paths import refuse_relative_paths_if_submitted  # noqa: E402
+from jobs.common.model_spec import resolve_model_dir  # noqa: E402
 from slmrec.backbones import BackboneConfig  # noqa: E402
 from slmrec.config import field, parse_config  # noqa: E402
 
@@ -68,12 +69,6 @@ class DistillConfig(DataFlags, TrainFlags, ItemTableFlags):
                                                   "(frozen, teacher's input projection; costs a full-depth "
                                                   "forward of 2 x --probe-users histories, in bf16 "
                                                   "under --bf16-autocast)")
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A stage's output directory or the model directory inside it."""
-    path = Path(path).resolve()
-    return path / "best" if (path / "best" / "meta.json").is_file() else path
 
 
 def student_config(teacher_config: dict, student_layers: int, aux_heads: int, finetuning: str) -> dict:

@@ -1,7 +1,7 @@
 r"""Offline scoring: top-k recommendations for every user of a prepared dataset.
 
 Local (starts a bounded Ray instance):
-    python jobs/score.py --model out/distill/model --data out/ml-1m --output out/scores --k 100
+    python jobs/score.py --model out/distill --data out/ml-1m --output out/scores --k 100
 On a cluster (model, data and output on storage every node shares):
     ray job submit --working-dir . -- python jobs/score.py --model /ckpt/student \
         --data /data/prep --output /data/scores --k 100 --num-actors 8
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
+from jobs.common.model_spec import resolve_model_dir
 from jobs.common.ray_runtime import check_cpus_left_for_reads, init_local_ray
 from pipelines.prepared import num_items, vocabulary_digest
 from pipelines.scoring import score_prepared
@@ -30,7 +31,7 @@ from slmrec.recommend import Recommender, check_vocabulary
 
 @dataclass
 class ScoreConfig:
-    model: str = field(help="model checkpoint directory (written by SeqRecommender.save)")
+    model: str = field(help="model directory (OUTPUT/best of a training job) or that job's OUTPUT")
     data: str = field(help="prepared data directory (output of jobs/prepare.py)")
     output: str = field(help="directory for the Parquet output (must not exist yet)")
     k: int = field(100, help="items per user")
@@ -57,12 +58,13 @@ class ScoreConfig:
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(ScoreConfig, __doc__, argv)
     refuse_relative_paths_if_submitted(config, "score")
+    model = str(resolve_model_dir(config.model))
     if Path(config.output).exists():
         sys.exit(f"score: --output {config.output} already exists; choose a new directory")
     # Checks that need no Ray run first, so a typo fails at once.
     try:
         items = num_items(config.data)
-        check_vocabulary(config.model, items, vocabulary_digest(config.data))
+        check_vocabulary(model, items, vocabulary_digest(config.data))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"score: {e}")
     if config.k > items:
@@ -75,9 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as e:
         sys.exit(f"score: {e}")
     start = time.perf_counter()
-    load = functools.partial(Recommender.load, config.model, int8=config.int8, chunk_size=config.chunk_size,
+    load = functools.partial(Recommender.load, model, int8=config.int8, chunk_size=config.chunk_size,
                              device="cuda" if config.gpus_per_actor > 0 else "cpu")
-    settings = {"model": config.model, "data": config.data, "k": config.k, "exclude_seen": config.exclude_seen,
+    settings = {"model": model, "data": config.data, "k": config.k, "exclude_seen": config.exclude_seen,
                 "int8": config.int8}
     try:
         users = score_prepared(config.data, config.output, load, config.k, config.exclude_seen,

@@ -1,9 +1,11 @@
 r"""Online serving: a Ray Serve HTTP endpoint that recommends items for a batch of users.
 
 Local (starts a bounded Ray instance, serves on 127.0.0.1:8000 until Ctrl-C):
-    python jobs/serve.py --model out/distill/model --data out/ml-1m
+    python jobs/serve.py --model out/distill --data out/ml-1m
 Several students in one deployment (model multiplexing; the first is the default):
-    python jobs/serve.py --model a=out/tune/best --model b=out/distill/model --data out/ml-1m
+    python jobs/serve.py --model a=out/student-2l --model b=out/student-4l --data out/ml-1m
+A Tune sweep's winner: python jobs/serve.py --config out/tune/serve.yaml
+--model takes a model directory or the output directory of the job that trained it (its best/).
 On a cluster: `serve deploy cluster/serve_config.yaml` (see that file).
 
 API (OpenAPI docs at /docs, schema at /openapi.json):
@@ -47,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_v
 from ray import serve
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
-from jobs.common.model_spec import split_model_spec
+from jobs.common.model_spec import resolve_model_dir, split_model_spec
 from pipelines.catalog import ItemCatalog, UserHistories
 from pipelines.prepared import num_items, vocabulary_digest
 from slmrec.config import field, parse_config
@@ -61,7 +63,8 @@ MODEL_HEADER = "serve_multiplexed_model_id"
 
 @dataclass
 class ServeConfig:
-    model: list[str] = field(help="model checkpoint as PATH or NAME=PATH; repeat for several "
+    model: list[str] = field(help="model as PATH or NAME=PATH, PATH a model directory or the output "
+                             "directory of the job that trained it (its best/); repeat for several "
                              "students (the first is the default; NAME defaults to the directory name)")
     data: str = field(help="prepared data directory: item vocabulary, popularity, user histories")
     quantize: Literal["none", "int8", "both"] = field(
@@ -111,7 +114,7 @@ def model_specs(config: ServeConfig) -> dict[str, tuple[str, bool]]:
         for model_id, int8 in variants:
             if model_id in specs:
                 raise ValueError(f"model id {model_id!r} is given twice; name them NAME=PATH")
-            specs[model_id] = (path, int8)
+            specs[model_id] = (str(resolve_model_dir(path)), int8)
     return specs
 
 

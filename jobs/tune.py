@@ -276,7 +276,8 @@ def run(config: TuneConfig) -> Path:
     from jobs.common.ray_runtime import init_local_ray
     from jobs.common.tune_report import trial_row
     from jobs.common.validation_leak import refuse_validation_leak
-    from jobs.distill import check_teacher_items, resolve_model_dir
+    from jobs.common.model_spec import resolve_model_dir
+    from jobs.distill import check_teacher_items
     from slmrec.checkpoint import atomic_write_json, load_meta
 
     output = Path(config.output).resolve()

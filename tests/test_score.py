@@ -33,13 +33,15 @@ def test_offline_top_k_equals_in_process_model(ray_session, tmp_path):
     histories = random_histories(23, seed=11)
     prepared = write_prepared(tmp_path / "prepared", histories, files=3)
     model = tiny_model(seed=4)
-    model.save(tmp_path / "model")
-    summary = score_main(["--model", str(tmp_path / "model"), "--data", str(prepared),
+    model.save(tmp_path / "student" / "best")
+    # The training job's output directory stands for its best/ model.
+    summary = score_main(["--model", str(tmp_path / "student"), "--data", str(prepared),
                           "--output", str(tmp_path / "scores"), "--k", str(K),
                           "--batch-size", "5", "--chunk-size", "7", "--num-cpus", "2"])
     assert summary["users"] == len(histories)
     written = json.loads((tmp_path / "scores" / SUMMARY_FILE).read_text())
-    assert (written["users"], written["k"], written["model"]) == (len(histories), K, str(tmp_path / "model"))
+    assert (written["users"], written["k"], written["model"]) == (len(histories), K,
+                                                                   str(tmp_path / "student" / "best"))
     assert not list(tmp_path.glob(".scores.tmp-*")), "staging directory left behind"
 
     rows = pq.read_table(tmp_path / "scores").to_pylist()

@@ -222,6 +222,16 @@ def test_repeated_model_flags_are_all_kept():
     assert model_specs(ServeConfig(model="a=/x", data="d")) == {"a": ("/x", False)}
 
 
+def test_a_training_jobs_output_directory_serves_its_best_model(tmp_path):
+    from jobs.serve import ServeConfig, model_specs
+
+    tiny_model().save(tmp_path / "distill" / "best")
+    assert model_specs(ServeConfig(model=[str(tmp_path / "distill")], data="d")) == {
+        "distill": (str(tmp_path / "distill" / "best"), False)}
+    assert model_specs(ServeConfig(model=[f"s={tmp_path / 'distill' / 'best'}"], data="d")) == {
+        "s": (str(tmp_path / "distill" / "best"), False)}
+
+
 @pytest.mark.parametrize("spec,expected", [
     ("a=/x", ("a", "/x")),
     ("/y/b", ("b", "/y/b")),
