@@ -186,6 +186,21 @@ def check_same_sweep(config: TuneConfig, settings_file: Path) -> None:
                          + "; rerun with the original settings to resume, or pick a new --name")
 
 
+def record_or_check_settings(config: TuneConfig, settings_file: Path, experiment: str) -> None:
+    """Record the settings a sweep starts with; a resume must keep them. Only Tune's saved
+    state makes a rerun a resume: a first run that died before Tune saved any (a bad
+    path, say) starts again, with the settings it is given now."""
+    from ray import tune
+
+    from slmrec.checkpoint import atomic_write_json
+
+    if settings_file.is_file() and tune.Tuner.can_restore(experiment):
+        check_same_sweep(config, settings_file)
+        return
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, dataclasses.asdict(config))
+
+
 def _concurrency(config: TuneConfig) -> int:
     import ray
 
@@ -207,6 +222,11 @@ def _concurrency(config: TuneConfig) -> int:
                                  config.trial_cpus, config.data_cpus)
 
 
+def experiment_path(storage: str, name: str) -> str:
+    """Where Tune keeps the sweep's state (what `Tuner.restore` reads)."""
+    return f"{storage.rstrip('/')}/{name}"
+
+
 def _tuner(config: TuneConfig, trainable, storage: str, name: str, trials_dir: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -215,10 +235,11 @@ def _tuner(config: TuneConfig, trainable, storage: str, name: str, trials_dir: P
     from jobs.common.tune_space import search_space
     from jobs.common.tune_trial import OBJECTIVE, ReleaseStoppedTrials, trial_dirname
 
-    path = f"{storage.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path):
-        print(f"[tune] resuming sweep {path}", flush=True)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=config.retry_errored)
+    experiment = experiment_path(storage, name)
+    if tune.Tuner.can_restore(experiment):
+        print(f"[tune] resuming sweep {experiment}", flush=True)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                  resume_errored=config.retry_errored)
     lr, weights = _ranges(config)
     concurrency = _concurrency(config)
     print(f"[tune] {config.num_samples} trials, {concurrency} at a time", flush=True)
@@ -278,7 +299,7 @@ def run(config: TuneConfig) -> Path:
     from jobs.common.validation_leak import refuse_validation_leak
     from jobs.common.model_spec import resolve_model_dir
     from jobs.distill import check_teacher_items
-    from slmrec.checkpoint import atomic_write_json, load_meta
+    from slmrec.checkpoint import load_meta
 
     output = Path(config.output).resolve()
     teacher_dir = resolve_model_dir(config.teacher)
@@ -296,12 +317,7 @@ def run(config: TuneConfig) -> Path:
         storage = str(Path(storage).resolve())
         Path(storage).mkdir(parents=True, exist_ok=True)
     trials_dir = output / "trials"
-    settings_file = output / f"sweep-{name}.json"
-    if settings_file.is_file():
-        check_same_sweep(config, settings_file)
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(settings_file, dataclasses.asdict(config))
+    record_or_check_settings(config, output / f"sweep-{name}.json", experiment_path(storage, name))
 
     init_local_ray()
     from ray import tune

@@ -299,6 +299,25 @@ def test_resume_refuses_changed_settings(tmp_path):
         check_same_sweep(_config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=8), saved)
 
 
+def test_settings_are_checked_only_once_tune_has_state_to_resume(tmp_path):
+    from dataclasses import asdict
+
+    from jobs.tune import record_or_check_settings
+
+    settings, experiment = tmp_path / "sweep-s.json", tmp_path / "ray" / "s"
+    record_or_check_settings(_config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=4),
+                             settings, str(experiment))
+    # The first run died before Tune saved anything: a corrected rerun starts afresh.
+    fixed = _config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=8)
+    record_or_check_settings(fixed, settings, str(experiment))
+    assert json.loads(settings.read_text()) == json.loads(json.dumps(asdict(fixed)))
+    experiment.mkdir(parents=True)
+    (experiment / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    with pytest.raises(SystemExit, match=r"num_samples: 8 -> 4"):
+        record_or_check_settings(_config(tmp_path, tmp_path / "t", tmp_path / "x", num_samples=4),
+                                 settings, str(experiment))
+
+
 def test_bad_depth_fails_before_ray(teacher, tmp_path):
     config = _config(tmp_path, teacher, tmp_path / "x", student_layers=[1, 4])
     with pytest.raises(SystemExit, match=r"--student-layers \[4\]: must be in 1\.\.2"):
