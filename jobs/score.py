@@ -35,7 +35,8 @@ class ScoreConfig:
     data: str = field(help="prepared data directory (output of jobs/prepare.py)")
     output: str = field(help="directory for the Parquet output (must not exist yet)")
     k: int = field(100, help="items per user")
-    exclude_seen: bool = field(True, help="never recommend items already in the user's history")
+    exclude_seen: bool = field(True, help="never recommend items already in the user's kept sequence "
+                                                "(as prepare truncated it)")
     int8: bool = field(False, help="score with an int8 (dynamically quantised) copy of the model")
     batch_size: int = field(256, help="users per model call")
     num_actors: int = field(1, help="scoring actors (each holds one copy of the model)")

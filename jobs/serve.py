@@ -141,7 +141,8 @@ class RecommendBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     requests: list[UserRequest] = Field(..., min_length=1, description="users to recommend for")
     k: StrictInt = Field(10, description="items per user (1..min(max_k, number of items))")
-    exclude_seen: bool = Field(True, description="never recommend items of the user's history")
+    exclude_seen: bool = Field(True, description="never recommend items of the history (a known user's: the "
+                                                   "kept sequence, as prepare truncated it)")
     model: Optional[StrictStr] = Field(None, description="model id (GET /models); default: "
                                        f"the `{MODEL_HEADER}` header, else the first model")
 

@@ -83,7 +83,10 @@ class UserHistories:
         self._row = {str(u): i for i, u in enumerate(user_ids)}
         if len(self._row) != len(user_ids):
             raise ValueError("user ids are not unique once turned into strings")
-        self._offsets = sequences.offsets.to_numpy()
+        # A sliced array's offsets still count from its parent's first value; flatten()
+        # starts at this slice's first value.
+        offsets = sequences.offsets.to_numpy()
+        self._offsets = offsets - offsets[0]
         self._values = sequences.flatten().to_numpy()
 
     @classmethod

@@ -266,3 +266,14 @@ def test_cli_refuses_a_missing_model_or_a_vocabulary_mismatch_before_starting(tm
     tiny_model().save(tmp_path / "m")
     with pytest.raises(SystemExit, match="trained on 40 items"):
         main(["--model", str(tmp_path / "m"), "--data", str(other)])
+
+
+def test_user_histories_of_a_sliced_list_array():
+    import pyarrow as pa
+
+    from pipelines.catalog import UserHistories
+
+    whole = pa.array([[1, 2], [3], [4, 5, 6], [7]], pa.list_(pa.int64()))
+    histories = UserHistories(["b", "c"], whole.slice(1, 2))
+    assert histories.get("b").tolist() == [3] and histories.get("c").tolist() == [4, 5, 6]
+    assert histories.get("a") is None
