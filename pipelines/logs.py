@@ -241,16 +241,22 @@ def read_columns(names: ColumnNames, with_rating: bool) -> list[str]:
 
 
 def normalize(table: pa.Table, names: ColumnNames, schema: LogSchema) -> pa.Table:
-    """Rename to the canonical column names and cast to the canonical types."""
-    cols = {USER: table.column(names.user), ITEM: table.column(names.item),
-            TIME: table.column(names.timestamp)}
-    out = {
-        USER: _cast_id(cols[USER], schema.canonical_user_type),
-        ITEM: _cast_id(cols[ITEM], schema.canonical_item_type),
-        TIME: _cast_time(cols[TIME]),
-    }
+    """Rename to the canonical column names and cast to the canonical types. A value the
+    footers could not rule out but the cast cannot hold (a uint64 id of 2^63 or more, say)
+    raises LogError naming its column."""
+    casts = [(USER, names.user, lambda c: _cast_id(c, schema.canonical_user_type),
+              "integer ids must fit in int64 (store larger ones, e.g. 64-bit hashes, as strings)"),
+             (ITEM, names.item, lambda c: _cast_id(c, schema.canonical_item_type),
+              "integer ids must fit in int64 (store larger ones, e.g. 64-bit hashes, as strings)"),
+             (TIME, names.timestamp, _cast_time, "timestamps must fit in int64")]
     if schema.with_rating:
-        out[RATING] = table.column(names.rating).cast(pa.float64())
+        casts.append((RATING, names.rating, lambda c: c.cast(pa.float64()), "ratings must be numbers"))
+    out = {}
+    for canonical, name, cast, rule in casts:
+        try:
+            out[canonical] = cast(table.column(name))
+        except pa.ArrowInvalid as e:
+            raise LogError(f"column {name!r}: {e}; {rule}") from e
     return pa.table(out)
 
 

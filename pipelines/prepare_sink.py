@@ -142,10 +142,8 @@ class ScatterByUserSink(Datasink[ScatterCounts]):
     def _normalize(self, batch: pa.Table, path: str) -> pa.Table:
         try:
             return normalize(batch, self.names, self.schema)
-        except pa.ArrowInvalid as e:
-            # uint64 ids of 2^63 and above: the footers cannot tell, the cast can.
-            raise LogError(f"{path}: {e}; integer ids must fit in int64 (store larger ones, "
-                           "e.g. 64-bit hashes, as strings)") from e
+        except LogError as e:
+            raise LogError(f"{path}: {e}") from e
 
     def _scatter(self, table: pa.Table, writers: dict[int, tuple[pq.ParquetWriter, Path]],
                  tmp_name: str, counts: ScatterCounts) -> None:

@@ -155,8 +155,13 @@ def test_ids_beyond_int64_fail_naming_the_file(tmp_path):
     schema = validate([log], ColumnNames(), with_rating=False)
     sink = ScatterByUserSink(str(tmp_path / "parts"), ColumnNames(), schema, None, 2)
     sink.on_write_start()
-    with pytest.raises(LogError, match=r"hashed\.parquet: .*integer ids must fit in int64"):
+    with pytest.raises(LogError, match=r"hashed\.parquet: column 'user_id': .*integer ids must fit in int64"):
         sink.write([pa.table({"pieces": [[{"path": log, "row_groups": [0]}]]})], SimpleNamespace(task_idx=0))
+    # A timestamp the cast cannot hold is named as one, not as an id.
+    late = write(tmp_path / "late.parquet", user_id=ints(1), item_id=ints(1),
+                 timestamp=pa.array([2**63 + 5], pa.uint64()))
+    with pytest.raises(LogError, match=r"late\.parquet: column 'timestamp': .*timestamps must fit in int64"):
+        sink.write([pa.table({"pieces": [[{"path": late, "row_groups": [0]}]]})], SimpleNamespace(task_idx=1))
 
 
 def test_preflight_refuses_uris_and_an_input_inside_the_output(tmp_path):
