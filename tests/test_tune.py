@@ -275,7 +275,10 @@ def test_outputs_from_trial_files_and_no_feasible_winner(teacher, tmp_path):
     assert table[0]["latency_ms"] == table[1]["latency_ms"] > 0, "one timing per depth"
     assert not (out / "winner.json").exists() and (out / "pareto.png").is_file()
 
-    write_outputs(_config(tmp_path, teacher, out, latency_batch=4), out, "sweep", rows, None, {})
+    # A trial that raised after saving its best validation score yet does not win.
+    failed = trial_row(_fake_trial(out / "trials", "c", 2, [0.9], teacher, False), "RuntimeError: boom", True)
+    assert failed["status"] == "error" and failed["checkpoint"]
+    write_outputs(_config(tmp_path, teacher, out, latency_batch=4), out, "sweep", rows + [failed], None, {})
     winner = json.loads((out / "winner.json").read_text())
     assert winner["trial_id"] == "a"
     assert (winner["test_full/NDCG@10"], winner["test_full_masked/NDCG@10"]) == (0.5, 0.7)

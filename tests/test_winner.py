@@ -45,6 +45,15 @@ def test_trials_without_checkpoint_or_finite_quality_are_ignored():
     assert choose_winner(trials).trial_id == "ok"
 
 
+def test_failed_trials_neither_win_nor_enter_the_front():
+    # The best validation score and a checkpoint from before the error are not enough.
+    failed = Candidate("boom", 1, 0.9, 0.5, "/runs/boom/best", failed=True)
+    assert choose_winner(TRIALS + [failed]).trial_id == "c"
+    assert "boom" not in {c.trial_id for c in pareto_front(TRIALS + [failed])}
+    with pytest.raises(NoFeasibleTrial, match="ended without an error"):
+        choose_winner([failed])
+
+
 def test_empty_feasible_set_names_the_fastest_trial():
     with pytest.raises(NoFeasibleTrial, match=r"--max-latency-ms 0\.5: the fastest, trial a \(1 layers\), took 1\.000 ms"):
         choose_winner(TRIALS, max_latency_ms=0.5)

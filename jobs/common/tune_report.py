@@ -76,7 +76,7 @@ def add_driver_latency(rows: list[dict[str, Any]], seq_len: int, batch_size: int
 
 def candidates(rows: Iterable[dict[str, Any]]) -> list[Candidate]:
     return [Candidate(r["trial_id"], int(r.get("student_layers") or 0), float(r["valid_NDCG@10"]),
-                      float(r["latency_ms"]), r["checkpoint"]) for r in rows]
+                      float(r["latency_ms"]), r["checkpoint"], failed=r["status"] == "error") for r in rows]
 
 
 def write_table(rows: list[dict[str, Any]], output: Path, title: str) -> None:

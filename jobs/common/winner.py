@@ -1,9 +1,12 @@
 """Pick the student a sweep hands over to serving: pure functions, no Ray.
 
 The rule (jobs/tune.py --max-latency-ms, --tolerance):
-1. Eligible: trials with a saved student checkpoint and a finite validation NDCG@10
-   (the best over its epochs: the epoch whose weights the checkpoint holds). Trials
-   stopped early by ASHA are eligible: their checkpoint is a real, evaluated model.
+1. Eligible: trials that did not fail, with a saved student checkpoint and a finite
+   validation NDCG@10 (the best over its epochs: the epoch whose weights the checkpoint
+   holds). Trials stopped early by ASHA are eligible: their checkpoint is a real,
+   evaluated model. A trial that raised is not, even with a checkpoint from before its
+   error: whatever broke it (a diverging loss, a bad setting, a lost worker that Tune
+   gave up on) is not ruled out for the weights it saved, and it has no test metrics.
 2. Feasible: eligible trials whose measured latency is <= max_latency_ms (no bound
    when max_latency_ms is None).
 3. Best = the highest validation NDCG@10 among feasible trials. Every feasible trial
@@ -33,6 +36,7 @@ class Candidate:
     quality: float  # best validation NDCG@10 of the trial
     latency_ms: float  # serving latency at the sweep's fixed batch size
     checkpoint: Optional[str]  # the trial's student directory (OUTPUT/best), None if not saved
+    failed: bool = False  # the trial ended with an error
 
 
 class NoFeasibleTrial(ValueError):
@@ -40,7 +44,8 @@ class NoFeasibleTrial(ValueError):
 
 
 def eligible(candidates: Iterable[Candidate]) -> list[Candidate]:
-    return [c for c in candidates if c.checkpoint and math.isfinite(c.quality) and math.isfinite(c.latency_ms)]
+    return [c for c in candidates
+            if not c.failed and c.checkpoint and math.isfinite(c.quality) and math.isfinite(c.latency_ms)]
 
 
 def pareto_front(candidates: Iterable[Candidate]) -> list[Candidate]:
@@ -61,8 +66,9 @@ def choose_winner(candidates: Iterable[Candidate], max_latency_ms: Optional[floa
     candidates = list(candidates)
     pool = eligible(candidates)
     if not pool:
-        raise NoFeasibleTrial(f"none of the {len(candidates)} trial(s) produced a student checkpoint with a "
-                              "finite validation NDCG@10 and latency; see the trials table for their status")
+        raise NoFeasibleTrial(f"none of the {len(candidates)} trial(s) ended without an error and with "
+                              "a student checkpoint, a finite validation NDCG@10 and a latency; see the trials "
+                              "table for their status")
     feasible = [c for c in pool if max_latency_ms is None or c.latency_ms <= max_latency_ms]
     if not feasible:
         fastest = min(pool, key=lambda c: (c.latency_ms, c.trial_id))
