@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jobs.common.job_paths import refuse_relative_paths_if_submitted
 from jobs.common.model_spec import resolve_model_dir
-from jobs.common.ray_runtime import check_cpus_left_for_reads, init_local_ray
+from jobs.common.ray_runtime import check_cpus_left_for_reads, check_gpus, init_local_ray
 from pipelines.prepared import num_items, vocabulary_digest
 from pipelines.scoring import score_prepared
 from slmrec.config import field, parse_config
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         check_cpus_left_for_reads(config.num_actors * config.cpus_per_actor,
                                   f"--num-actors {config.num_actors} x --cpus-per-actor {config.cpus_per_actor:g}",
                                   "use fewer actors (or, locally, a larger --num-cpus)")
+        if config.gpus_per_actor > 0:
+            check_gpus(config.gpus_per_actor, f"--gpus-per-actor {config.gpus_per_actor:g}")
     except ValueError as e:
         sys.exit(f"score: {e}")
     start = time.perf_counter()

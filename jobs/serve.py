@@ -320,9 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"serve: {e}")
 
-    from jobs.common.ray_runtime import init_local_ray
+    from jobs.common.ray_runtime import check_gpus, init_local_ray
 
     init_local_ray(num_cpus=config.num_cpus)
+    if config.gpus_per_replica > 0:
+        try:
+            check_gpus(config.gpus_per_replica, f"--gpus-per-replica {config.gpus_per_replica:g}")
+        except ValueError as e:
+            sys.exit(f"serve: {e}")
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(dataclasses.asdict(config)), name="slmrec", route_prefix="/")
     print(f"serving {list(specs)} on http://{config.host}:{config.port} (docs: /docs); Ctrl-C stops")

@@ -53,8 +53,26 @@ def test_workers_that_take_every_cpu_are_refused(ray_session, tiny_prepared, tmp
     config = TeacherConfig(data=str(tiny_prepared), output=str(tmp_path / "t"), num_workers=2, cpus_per_worker=1.0,
                            batch_size=4)
     spec = make_spec(config, config.output, train_rows=64)
-    with pytest.raises(ValueError, match="leaving none for Ray Data"):
+    with pytest.raises(SystemExit, match="leaving none for Ray Data"):
         fit(config, spec, build_task=None, task_args={}, datasets={}, run_name="refused")
+
+
+def test_gpu_workers_on_a_local_ray_without_gpus_are_refused(ray_session, tiny_prepared, tmp_path, monkeypatch,
+                                                            capsys):
+    from jobs.common import ray_runtime
+
+    config = TeacherConfig(data=str(tiny_prepared), output=str(tmp_path / "t"), use_gpu=True, batch_size=4)
+    spec = make_spec(config, config.output, train_rows=64)
+    # Ray would keep the worker pending forever: no node of a local instance ever gains a GPU.
+    with pytest.raises(SystemExit, match=r"--use-gpu with --num-workers 1 asks for 1 GPU\(s\), and this machine's "
+                                         r"local Ray has 0"):
+        fit(config, spec, build_task=None, task_args={}, datasets={}, run_name="refused")
+    # On a cluster an autoscaler may add GPU nodes: the wait is announced, not refused.
+    monkeypatch.setattr(ray_runtime, "_started_here", False)
+    ray_runtime.check_gpus(2, "--gpus-per-actor 2")
+    assert "the job waits until the autoscaler adds them" in capsys.readouterr().out
+    ray_runtime.check_gpus(0, "--gpus-per-actor 0")
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("batches,world,taken,short", [

@@ -26,6 +26,11 @@ DEFAULT_ENV = {
 }
 
 
+# True once init_local_ray started a local instance in this process: one that no
+# autoscaler will ever add a node (or a GPU) to.
+_started_here = False
+
+
 def set_default_env() -> None:
     for key, value in DEFAULT_ENV.items():
         os.environ.setdefault(key, value)
@@ -42,6 +47,22 @@ def check_cpus_left_for_reads(reserved: float, reserving: str, advice: str) -> N
     if reserved <= total < reserved + 1:
         raise ValueError(f"{reserving} reserve {reserved:g} of the cluster's {total:g} CPUs, leaving none for "
                          f"Ray Data to read the data; {advice}")
+
+
+def check_gpus(needed: float, asking: str) -> None:
+    """Ray keeps an actor or Train worker that asks for GPUs the cluster lacks pending,
+    without an error. A local instance never gains one, so the job is refused there; a
+    cluster may (its autoscaler adds GPU nodes on demand), so the wait is announced."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if needed <= have:
+        return
+    if _started_here:
+        raise ValueError(f"{asking} asks for {needed:g} GPU(s), and this machine's local Ray has {have:g}; "
+                         "run without GPUs or submit the job to a cluster that has them")
+    print(f"[ray] note: {asking} asks for {needed:g} GPU(s) and the cluster has {have:g} now; the job waits "
+          "until the autoscaler adds them (stop it and run without GPUs on a cluster that cannot)", flush=True)
 
 
 def init_local_ray(num_cpus: int | None = 2) -> None:
@@ -78,6 +99,8 @@ def init_local_ray(num_cpus: int | None = 2) -> None:
     if started != address:
         ray.shutdown()
         raise RuntimeError(f"local Ray started at {started}, not at the reserved {address}")
+    global _started_here
+    _started_here = True
 
 
 def _free_port() -> int:

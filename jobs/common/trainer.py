@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 from jobs.common.deepspeed_engine import load_ds_config, resolve_ds_config
 from jobs.common.flags import TrainFlags
-from jobs.common.ray_runtime import check_cpus_left_for_reads
+from jobs.common.ray_runtime import check_cpus_left_for_reads, check_gpus
 from jobs.common.train_worker import TrainSpec, train_loop
 
 
@@ -53,7 +53,12 @@ def fit(flags: TrainFlags, spec: TrainSpec, build_task: Callable[[dict], Any], t
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    _check_cpus_left_for_data(flags)
+    try:  # a job that would wait forever for its workers ends here, with the reason
+        _check_cpus_left_for_data(flags)
+        if flags.use_gpu:
+            check_gpus(flags.num_workers, f"--use-gpu with --num-workers {flags.num_workers}")
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     storage = flags.storage_path or str(Path(spec.output_dir) / "ray")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
