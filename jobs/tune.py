@@ -294,7 +294,8 @@ def run(config: TuneConfig) -> Path:
     """Run (or resume) the sweep and write its outputs; returns the output directory.
     Exits with a message when the sweep was interrupted or no trial meets the rule."""
     from jobs.common.data import load_splits
-    from jobs.common.ray_runtime import check_gpus, init_local_ray
+    from jobs.common.ray_runtime import init_local_ray
+    from jobs.common.trainer import check_worker_gpus
     from jobs.common.tune_report import trial_row
     from jobs.common.validation_leak import refuse_validation_leak
     from jobs.common.model_spec import resolve_model_dir
@@ -320,11 +321,10 @@ def run(config: TuneConfig) -> Path:
     record_or_check_settings(config, output / f"sweep-{name}.json", experiment_path(storage, name))
 
     init_local_ray()
-    if config.use_gpu:
-        try:
-            check_gpus(config.num_workers, f"--use-gpu with --num-workers {config.num_workers}")
-        except ValueError as e:
-            raise SystemExit(f"tune: {e}") from e
+    try:  # on the driver: a trial's own check cannot tell that this Ray is local
+        check_worker_gpus(config)
+    except ValueError as e:
+        raise SystemExit(f"tune: {e}") from e
     from ray import tune
 
     from jobs.common.tune_trial import run_trial

@@ -42,6 +42,13 @@ def _check_cpus_left_for_data(flags: TrainFlags) -> None:
                               "reserve fewer and use --torch-threads to train on more cores")
 
 
+def check_worker_gpus(flags: TrainFlags) -> None:
+    """--use-gpu asks one GPU per worker; ValueError where a local Ray has too few (on a
+    cluster the wait is announced)."""
+    if flags.use_gpu:
+        check_gpus(flags.num_workers, f"--use-gpu with --num-workers {flags.num_workers}")
+
+
 def run_name_for(output_dir: str, explicit: str | None) -> str:
     return explicit or Path(output_dir).resolve().name
 
@@ -55,8 +62,7 @@ def fit(flags: TrainFlags, spec: TrainSpec, build_task: Callable[[dict], Any], t
 
     try:  # a job that would wait forever for its workers ends here, with the reason
         _check_cpus_left_for_data(flags)
-        if flags.use_gpu:
-            check_gpus(flags.num_workers, f"--use-gpu with --num-workers {flags.num_workers}")
+        check_worker_gpus(flags)
     except ValueError as e:
         raise SystemExit(str(e)) from e
     storage = flags.storage_path or str(Path(spec.output_dir) / "ray")
