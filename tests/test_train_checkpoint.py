@@ -185,3 +185,26 @@ def test_saved_masters_of_another_layout_are_refused():
     assert "do not match" in _restore_masters(masters, {"0": torch.ones(2), "1": torch.ones(4)})
     assert _restore_masters(masters, {"0": torch.ones(2), "1": torch.full((3,), 2.0)}) is None
     assert torch.equal(masters[1], torch.full((3,), 2.0))
+
+
+def test_the_final_test_reports_no_checkpoint_of_the_best_weights(tmp_path, monkeypatch):
+    # The test runs on the best epoch's weights; a checkpoint of them would become the latest
+    # one, and a rerun with more --epochs would resume from the best epoch's weights with
+    # the last epoch's step, schedule and AdamW moments.
+    from jobs.common import train_worker
+
+    reports = []
+    loaded = []
+    monkeypatch.setattr(train_worker, "load_weights", lambda engine, zero, weights, what: loaded.append(weights))
+    monkeypatch.setattr(train_worker, "_evaluate", lambda task, split, spec, protocols, rank, world:
+                        [{"NDCG@10": 0.5}] * len(protocols))
+    monkeypatch.setattr(train_worker, "report", lambda metrics, state, *rest: reports.append((metrics, state)))
+    spec = train_worker.TrainSpec(output_dir=str(tmp_path))
+    state = {"epoch": 3, "global_step": 30, "best": 0.4, "best_epoch": 1, "history": [], "steps": []}
+    best = {"weight": torch.ones(2)}
+    train_worker._final_test(None, spec, state, best, None, None, 0, 0, 1, tmp_path)
+    assert loaded == [best]
+    [(metrics, checkpoint_state)] = reports
+    assert checkpoint_state is None
+    assert metrics["best_epoch"] == 1 and metrics["test_full_masked/NDCG@10"] == 0.5
+    assert (tmp_path / "metrics.json").is_file()

@@ -100,3 +100,18 @@ def test_metric_sums_are_reduced_on_the_workers_device(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op: reduced.append((t.device, t.dtype)))
     out = all_reduce_sum(torch.zeros(3, dtype=torch.float64), torch.device("meta"))
     assert reduced == [(torch.device("meta"), torch.float64)] and out.device == torch.device("meta")
+
+
+@pytest.mark.parametrize("rows, workers, accum, fits", [
+    (64, 1, 1, True), (63, 1, 1, False),  # --batch-size 64
+    (128, 1, 2, True), (127, 1, 2, False), (100, 1, 2, False),  # one micro-batch, not one step
+    (256, 2, 2, True), (255, 2, 2, False),
+])
+def test_a_run_must_fill_one_optimiser_step_per_worker(tmp_path, rows, workers, accum, fits):
+    config = TeacherConfig(data="unused", output=str(tmp_path / "t"), batch_size=64, grad_accum=accum,
+                           num_workers=workers)
+    if fits:
+        assert make_spec(config, config.output, train_rows=rows).grad_accum == accum
+    else:
+        with pytest.raises(ValueError, match=f"cannot fill one optimiser step of --batch-size 64 x --grad-accum {accum}"):
+            make_spec(config, config.output, train_rows=rows)

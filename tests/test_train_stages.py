@@ -146,18 +146,23 @@ def test_teacher_with_gradient_accumulation_resumes_after_failure(ray_session, t
     common = dict(data=str(tiny_prepared), output=str(out), epochs=2, item_table=str(table),
                   backbone=BackboneConfig(layers=1, hidden=16, heads=2), **dict(TINY, batch_size=4), grad_accum=2)
     # 64 users / (micro-batch 4 x accumulation 2) = 8 optimiser steps an epoch; steps count
-    # the optimiser's, not micro-batches: fail in epoch 2, after epoch 1's checkpoint.
+    # the optimiser's, not micro-batches: fail in epoch 2 after its step-10 checkpoint.
     with pytest.raises(Exception, match="fault injection"):
-        run_teacher(TeacherConfig(fail_after_steps=11, **common))
+        run_teacher(TeacherConfig(fail_after_steps=11, checkpoint_every_steps=10, **common))
     first_epoch = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in first_epoch] == [1]
-    run_teacher(TeacherConfig(**common))
+    latest = max(p for p in (out / "ray").glob("*/checkpoint_*") if p.is_dir())
+    interrupted = json.loads((latest / "meta.json").read_text())["state"]
+    assert (interrupted["epoch"], interrupted["global_step"]) == (1, 10)
+    run_teacher(TeacherConfig(checkpoint_every_steps=10, **common))
     metrics = json.loads((out / "metrics.json").read_text())
     history = metrics["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     assert [r["step"] for r in metrics["steps"]] == [4, 8, 12, 16]  # logged every 4 steps
-    # Epoch 1 came from the checkpoint, not from training again.
+    # Epoch 1 came from the checkpoint, not from training again, and epoch 2's time
+    # includes its part before the failure.
     assert history[0] == first_epoch[0]
+    assert history[1]["epoch_seconds"] >= interrupted["epoch_seconds"] > 0
 
 
 def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):

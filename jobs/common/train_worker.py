@@ -207,10 +207,11 @@ def train_loop(config: dict[str, Any]) -> None:
     # sequence); otherwise some rows of that epoch repeat (README, "Resume").
     done_in_epoch = state.pop("epoch_step", 0)
     carried_sums = state.pop("epoch_sums", {})
+    carried_seconds = state.pop("epoch_seconds", 0.0)  # so a resumed epoch's time is the whole epoch's
     progress = Progress(epochs=spec.epochs, steps_per_epoch=steps_per_epoch, first_step=state["global_step"],
                         every=spec.log_every, rank=rank, records=state["steps"])
     for epoch in range(state["epoch"], spec.epochs):
-        epoch_start = time.time()
+        epoch_start = time.time() - carried_seconds
         engine.train()
         sums: dict[str, float] = carried_sums
         n_steps = done_in_epoch
@@ -244,9 +245,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
                 report({"epoch": epoch, "step": state["global_step"]},
-                       dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums)),
+                       dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums),
+                            epoch_seconds=time.time() - epoch_start),
                        best_weights, engine, optimizer, zero, rank, world)
-        done_in_epoch, carried_sums = 0, {}
+        done_in_epoch, carried_sums, carried_seconds = 0, {}, 0.0
         if n_steps == 0:
             raise ValueError(f"worker {rank}: no training batch of {spec.micro_batch} rows in epoch {epoch + 1}; "
                              "lower --batch-size or add data")
@@ -294,4 +296,6 @@ def _final_test(task: Task, spec: TrainSpec, state: dict[str, Any], best_weights
                                                  "spec": {k: v for k, v in asdict(spec).items() if k != "ds_config"},
                                                  "deepspeed": spec.ds_config})
         log.info("[train] test " + json.dumps({k: round(v, 4) for k, v in results.items()}))
-    report({**final, "done": 1}, dict(state), best_weights, engine, optimizer, zero, rank, world)
+    # No checkpoint: the best weights are loaded now, and a checkpoint of them would be the
+    # one a rerun with more --epochs resumes from, dropping every epoch after the best.
+    report({**final, "done": 1}, None, best_weights, engine, optimizer, zero, rank, world)

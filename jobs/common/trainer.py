@@ -16,9 +16,12 @@ from jobs.common.train_worker import TrainSpec, train_loop
 
 
 def make_spec(flags: TrainFlags, output_dir: str, train_rows: int, **overrides: Any) -> TrainSpec:
-    if train_rows // flags.num_workers < flags.batch_size:
+    # One optimiser step needs grad_accum whole micro-batches on every worker; with fewer,
+    # no step would ever be taken and the gradient would pile up across epochs.
+    if train_rows // flags.num_workers < flags.batch_size * flags.grad_accum:
         raise ValueError(f"{train_rows} training users over {flags.num_workers} worker(s) cannot fill one "
-                         f"batch of --batch-size {flags.batch_size}; lower it or add data")
+                         f"optimiser step of --batch-size {flags.batch_size} x --grad-accum {flags.grad_accum}; "
+                         "lower them or add data")
     ds_config = resolve_ds_config(load_ds_config(flags.deepspeed_config), flags.batch_size, flags.grad_accum,
                                   flags.num_workers)
     spec = TrainSpec(
