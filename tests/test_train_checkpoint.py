@@ -127,18 +127,19 @@ def test_an_unknown_zero_optimizer_loses_its_moments_not_the_run(tmp_path, caplo
 
 # Train 3 steps, checkpoint, 3 more; a fresh engine restored from the checkpoint takes the
 # same 3 steps. Under bf16 the optimizer steps fp32 masters of its own: restored from the
-# bf16 module weights alone, the resumed run drifted by one bf16 ulp within 3 steps.
+# bf16 module weights alone, the resumed run drifted by one bf16 ulp within 3 steps. The
+# dropout masks must continue too: reseeded, the resumed run drew other ones.
 RESUME_SCRIPT = """
 import os, sys, tempfile, torch
 sys.path.insert(0, sys.argv[1])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 torch.distributed.init_process_group("gloo")
 from jobs.common.deepspeed_engine import init_engine, resolve_ds_config
-from jobs.common.train_checkpoint import _write_main, full_params, restore, save_zero_shard, trainable_state
+from jobs.common.train_checkpoint import full_params, restore, write_checkpoint
 
 def build(stage):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     config = resolve_ds_config({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}, 2, 1, 1)
@@ -157,11 +158,8 @@ def weights(engine, stage):
 for stage in (0, 2, 3):
     engine, optimizer = build(stage)
     steps(engine, 0, 3)
-    directory = tempfile.mkdtemp()
-    with full_params(engine, stage):
-        _write_main(directory, trainable_state(engine.module), engine, optimizer, {}, {}, stage)
-    if stage:
-        save_zero_shard(directory, engine, stage, 0, 1)
+    directory = os.path.join(tempfile.mkdtemp(), "ckpt")
+    write_checkpoint(directory, {}, {}, engine, optimizer, stage, 0, 1)
     steps(engine, 3, 6)
     resumed, resumed_optimizer = build(stage)
     restore(directory, resumed, resumed_optimizer, stage, 0, 1)
@@ -208,3 +206,20 @@ def test_the_final_test_reports_no_checkpoint_of_the_best_weights(tmp_path, monk
     assert checkpoint_state is None
     assert metrics["best_epoch"] == 1 and metrics["test_full_masked/NDCG@10"] == 0.5
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_random_state_continues_per_rank_and_is_left_alone_when_it_cannot(tmp_path):
+    from jobs.common.train_checkpoint import restore_rng, save_rng
+
+    torch.manual_seed(3)
+    save_rng(str(tmp_path), rank=1, world=2)
+    expected = torch.rand(4)
+    torch.manual_seed(99)
+    assert restore_rng(str(tmp_path), rank=1, world=2) is None
+    assert torch.equal(torch.rand(4), expected)
+    # Another layout's state or none at all: the run goes on from its seed, with the reason.
+    torch.manual_seed(99)
+    seeded = torch.get_rng_state()
+    assert restore_rng(str(tmp_path), rank=1, world=3) == "it was saved by 2 workers, this run has 3"
+    assert restore_rng(str(tmp_path), rank=0, world=2) == "the checkpoint has no random state for this worker"
+    assert torch.equal(torch.get_rng_state(), seeded)

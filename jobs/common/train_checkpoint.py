@@ -6,7 +6,8 @@ AdamW moments go with them under ZeRO-0, where the client optimizer holds them w
 under ZeRO >= 1 each rank adds its own partition as `zero-rankN/` (Ray Train merges the
 ranks' directories into one). Where DeepSpeed's optimizer steps fp32 master weights of its
 own (ZeRO >= 1, bf16), those are saved too, so a bf16 run resumes bit-exact rather than
-from its bf16-rounded module weights.
+from its bf16-rounded module weights. Each rank also saves its random state as `rng-rankN/`:
+reseeded instead, a resumed run would draw step 0's dropout masks again.
 """
 from __future__ import annotations
 
@@ -131,6 +132,32 @@ def save_zero_shard(directory: str, engine, zero: int, rank: int, world: int) ->
                     {"world_size": world, "zero_stage": zero, "partition_sizes": [p.numel() for p in partitions]})
 
 
+def _rng_dir(directory: str, rank: int) -> Path:
+    return Path(directory) / f"rng-rank{rank}"
+
+
+def save_rng(directory: str, rank: int, world: int) -> None:
+    """This rank's random state (dropout masks are drawn from it)."""
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    save_checkpoint(_rng_dir(directory, rank), tensors, {"world_size": world})
+
+
+def restore_rng(directory: str, rank: int, world: int) -> str | None:
+    """Continue this rank's random state; returns why not when it cannot."""
+    path = _rng_dir(directory, rank)
+    if not path.is_dir():
+        return "the checkpoint has no random state for this worker"
+    tensors, meta = load_checkpoint(path)
+    if meta["world_size"] != world:
+        return f"it was saved by {meta['world_size']} workers, this run has {world}"
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    return None
+
+
 def restore_zero_shard(directory: str, engine, zero: int, rank: int, world: int) -> str | None:
     """Load this rank's AdamW moments; returns why not when they cannot be used."""
     shard = _zero_shard_dir(directory, rank)
@@ -190,6 +217,9 @@ def restore(directory: str, engine, optimizer, zero: int, rank: int,
         why_not = restore_zero_shard(directory, engine, zero, rank, world)
         if why_not:
             log.warning(f"[train] worker {rank}: AdamW moments restart from zero: {why_not}")
+    why_not = restore_rng(directory, rank, world)
+    if why_not:
+        log.warning(f"[train] worker {rank}: random state restarts from the seed: {why_not}")
     return meta["state"], _with_prefix(tensors, "best.")
 
 
@@ -202,14 +232,21 @@ def report(metrics: dict[str, float], checkpoint_state: dict[str, Any] | None,
     if checkpoint_state is None:
         ray.train.report(metrics)
         return
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = os.path.join(tmp, "ckpt")
+        write_checkpoint(directory, checkpoint_state, best_weights, engine, optimizer, zero, rank, world)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def write_checkpoint(directory: str, state: dict[str, Any], best_weights: dict[str, torch.Tensor], engine,
+                     optimizer, zero: int, rank: int, world: int) -> None:
+    """This rank's part of a resumable checkpoint under `directory` (the ranks' parts
+    together make one)."""
     # Gathering ZeRO-3's partitioned weights is collective: every rank joins, rank 0 copies.
     with full_params(engine, zero):
         weights = trainable_state(engine.module) if rank == 0 else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = os.path.join(tmp, "ckpt")
-        if rank == 0:
-            _write_main(directory, weights, engine, optimizer, checkpoint_state, best_weights, zero)
-        if zero > 0:
-            save_zero_shard(directory, engine, zero, rank, world)
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if os.path.isdir(directory) else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+    if rank == 0:
+        _write_main(directory, weights, engine, optimizer, state, best_weights, zero)
+    if zero > 0:
+        save_zero_shard(directory, engine, zero, rank, world)
+    save_rng(directory, rank, world)
