@@ -225,7 +225,11 @@ def read_units(schema: LogSchema, rows_per_unit: int) -> list[dict]:
 
 
 def _time_kind(t: pa.DataType) -> str:
-    return f"timestamps in {t.unit}" if pa.types.is_timestamp(t) else "integer timestamps"
+    if not pa.types.is_timestamp(t):
+        return "integer timestamps"
+    # Parquet stores zoned timestamps as UTC instants and naive ones as wall-clock time;
+    # mixed, one file's rows would be shifted by the zone's offset against the other's.
+    return f"timestamps in {t.unit}, " + ("UTC instants" if t.tz else "no time zone")
 
 
 def _widest(types: list[pa.DataType]) -> pa.DataType:

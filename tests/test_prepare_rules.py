@@ -121,7 +121,7 @@ def test_resolve_inputs_skips_hidden_and_underscore_folders_and_refuses_uris(tmp
         resolve_inputs("s3://bucket/logs")
 
 
-def test_validate_accepts_valueless_columns_and_refuses_mixed_timestamp_units(tmp_path):
+def test_validate_accepts_valueless_columns_and_refuses_mixed_timestamp_kinds(tmp_path):
     good = write(tmp_path / "good.parquet", user_id=ints(1), item_id=ints(1), timestamp=ints(1))
     # An empty pandas shard (and a column with every cell null) has Parquet's null type.
     empty = write(tmp_path / "empty.parquet", user_id=pa.array([], pa.null()),
@@ -138,11 +138,21 @@ def test_validate_accepts_valueless_columns_and_refuses_mixed_timestamp_units(tm
                timestamp=pa.array([1_600_000_000_000], pa.timestamp("ms")))
     us = write(tmp_path / "us.parquet", user_id=ints(1), item_id=ints(1),
                timestamp=pa.array([1_600_000_001_000_000], pa.timestamp("us")))
-    with pytest.raises(LogError, match=r"us\.parquet: column 'timestamp' holds timestamps in us but "
-                                       r".*ms\.parquet holds timestamps in ms"):
+    with pytest.raises(LogError, match=r"us\.parquet: column 'timestamp' holds timestamps in us, no time zone but "
+                                       r".*ms\.parquet holds timestamps in ms, no time zone"):
         validate([ms, us], ColumnNames(), with_rating=False)
-    with pytest.raises(LogError, match="holds timestamps in ms but .*good.parquet holds integer"):
+    with pytest.raises(LogError, match="holds timestamps in ms, no time zone but .*good.parquet holds integer"):
         validate([good, ms], ColumnNames(), with_rating=False)
+    # A zoned file stores UTC instants, a naive one wall-clock time: not comparable. Two
+    # zones are (both are stored as UTC).
+    paris = write(tmp_path / "paris.parquet", user_id=ints(1), item_id=ints(1),
+                  timestamp=pa.array([1_600_000_000_000], pa.timestamp("ms", tz="Europe/Paris")))
+    utc = write(tmp_path / "utc.parquet", user_id=ints(1), item_id=ints(1),
+                timestamp=pa.array([1_600_000_000_000], pa.timestamp("ms", tz="UTC")))
+    with pytest.raises(LogError, match=r"paris\.parquet: column 'timestamp' holds timestamps in ms, UTC instants "
+                                       r"but .*ms\.parquet holds timestamps in ms, no time zone"):
+        validate([ms, paris], ColumnNames(), with_rating=False)
+    assert validate([paris, utc], ColumnNames(), with_rating=False).num_rows == 2
 
 
 def test_ids_beyond_int64_fail_naming_the_file(tmp_path):
