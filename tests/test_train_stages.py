@@ -189,6 +189,7 @@ def test_distill_all_terms_and_report(teacher_run, tiny_prepared, tmp_path):
     assert [r["batch_size"] for r in report["inference"]["student"]] == [1, 32, 256]
     assert [r["layer"] for r in next(iter(report["probe"].values()))] == [1, 2, 3, 4]
     assert report["epoch_seconds"]["student"] and report["epoch_seconds"]["teacher"]
+    assert report["teacher_setup_differences"] == []  # same length, seed and protocol
     for name in ("REPORT.md", "loss_terms.png", "training_curve.png", "layer_probe.png"):
         assert (out / name).is_file(), name
     assert report["distillation"]["kd"] == 0.5

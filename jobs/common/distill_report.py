@@ -91,6 +91,20 @@ def probe_caption(config) -> str:
     return caption
 
 
+def teacher_setup_differences(teacher_metrics: dict[str, Any] | None, teacher_max_len: int,
+                              student_metrics: dict[str, Any], student_max_len: int) -> list[str]:
+    """How the teacher's test numbers (from its own run) were measured differently from the
+    student's; empty when the two rows compare like with like."""
+    if teacher_metrics is None:
+        return []
+    teacher, student = teacher_metrics.get("spec", {}), student_metrics.get("spec", {})
+    settings = [("sequence length", teacher_max_len, student_max_len)]
+    settings += [(name, teacher.get(key), student.get(key)) for name, key in (
+        ("seed (the sampled protocol's negatives)", "seed"), ("sampled negatives", "sampled_negatives"),
+        ("validation targets trained on", "train_on_valid"))]
+    return [f"{name}: teacher {t}, student {s}" for name, t, s in settings if t != s]
+
+
 def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, Any]:
     from jobs.common.data import load_splits
     from slmrec.speed import measure_inference
@@ -115,6 +129,8 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     for name, metrics in (("teacher", teacher_metrics), ("student", student_metrics)):
         for row in metrics_by_protocol(metrics["final"]) if metrics else []:
             metrics_rows.append({"model": name, **row})
+    differences = teacher_setup_differences(teacher_metrics, teacher.config.max_len, student_metrics,
+                                            student.config.max_len)
     epoch_seconds = {name: [h["epoch_seconds"] for h in m["history"]]
                      for name, m in (("teacher", teacher_metrics), ("student", student_metrics)) if m}
 
@@ -130,7 +146,7 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     weights = {**loss_weights(config), "blocks": config.blocks, "student_init": config.student_init,
                "student_finetuning": config.student_finetuning}
     report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,
-              "metrics": metrics_rows, "protocols": protocols, "epoch_seconds": epoch_seconds,
+              "metrics": metrics_rows, "teacher_setup_differences": differences, "protocols": protocols, "epoch_seconds": epoch_seconds,
               "inference": speed, "probe": probe, "distillation": weights,
               "student_final": student_metrics["final"], "history": student_metrics["history"]}
     atomic_write_json(output / "report.json", report)
@@ -155,6 +171,9 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
              f"Student / teacher total parameters: {params['student']['total'] / params['teacher']['total']:.3f}.",
              "", "## Test metrics", "", markdown_table(metrics_rows, ["model", "protocol", *METRIC_COLS]), ""]
     lines += [f"- `{label}`: {desc}" for label, desc in protocols.items()]
+    if differences:
+        lines += ["", f"The teacher's rows come from its own run ({teacher_metrics_path}), measured differently:"]
+        lines += [f"- {d}" for d in differences]
     lines += ["", "## Training time per epoch (s)", ""]
     lines += [f"- {name}: {', '.join(f'{s:.1f}' for s in secs)}" for name, secs in epoch_seconds.items()]
     lines += ["", f"## Inference (this machine, {next(teacher.parameters()).device}, sequence length "
