@@ -121,7 +121,9 @@ def test_zero3_teacher_killed_and_resumed_matches_uninterrupted_zero2(teacher_ru
     # numbers, uninterrupted.
     out = tmp_path / "run"
     config = _two_worker_teacher(tiny_prepared, out, teacher_run.parent / "items", zero=3)
-    # 64 users / 2 workers / batch 8 = 4 steps an epoch: fail in epoch 2, after epoch 1's checkpoint.
+    # 64 users / 2 workers / batch 8 = 4 steps an epoch: fail in epoch 2, after its step-5
+    # checkpoint (its loss sums so far are both workers').
+    config = dataclasses.replace(config, checkpoint_every_steps=5)
     with pytest.raises(Exception, match="fault injection"):
         run_teacher(dataclasses.replace(config, fail_after_steps=6))
     # Ray Train keeps checkpoint_manager_snapshot.json beside the checkpoint folders.

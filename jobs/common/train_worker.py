@@ -81,12 +81,25 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+def summed_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Every worker's values added up, by name (collective: every rank calls it with the
+    same names)."""
+    names = sorted(values)
+    totals = all_reduce_sum(torch.tensor([values[k] for k in names], dtype=torch.float64), device)
+    return dict(zip(names, totals.tolist()))
+
+
 def epoch_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
     """Each loss term's mean over every worker's micro-batches (not rank 0's share alone),
     from this worker's sums over its `count` micro-batches."""
-    names = sorted(sums)
-    totals = all_reduce_sum(torch.tensor([sums[k] for k in names] + [count], dtype=torch.float64), device)
-    return {k: v / totals[-1].item() for k, v in zip(names, totals[:-1].tolist())}
+    totals = summed_over_workers({**{f"term.{k}": v for k, v in sums.items()}, "count": float(count)}, device)
+    return {k[len("term."):]: v / totals["count"] for k, v in totals.items() if k != "count"}
+
+
+def carried_sums(saved: dict[str, float], rank: int) -> dict[str, float]:
+    """A mid-epoch checkpoint holds every worker's loss sums added up (rank 0 writes it):
+    resumed, rank 0 carries them and the others start from zero, under the same names."""
+    return {k: v if rank == 0 else 0.0 for k, v in saved.items()}
 
 
 def _device() -> torch.device:
@@ -202,18 +215,18 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     # After a mid-epoch checkpoint, as many of that epoch's batches as were trained before
     # it are skipped and its running loss sums carried on, so the resumed run does not run
-    # past the schedule's last step. The epoch's shuffle is seeded, so they are the same
-    # rows where Ray Data delivers blocks in the same order (one worker reading one block
-    # sequence); otherwise some rows of that epoch repeat (README, "Resume").
+    # past the schedule's last step. They are the rows trained before: the split hands
+    # every worker the same blocks in the same order each run (trainer.training_data_config)
+    # and the epoch's shuffle is seeded.
     done_in_epoch = state.pop("epoch_step", 0)
-    carried_sums = state.pop("epoch_sums", {})
+    carried = carried_sums(state.pop("epoch_sums", {}), rank)
     carried_seconds = state.pop("epoch_seconds", 0.0)  # so a resumed epoch's time is the whole epoch's
     progress = Progress(epochs=spec.epochs, steps_per_epoch=steps_per_epoch, first_step=state["global_step"],
                         every=spec.log_every, rank=rank, records=state["steps"])
     for epoch in range(state["epoch"], spec.epochs):
         epoch_start = time.time() - carried_seconds
         engine.train()
-        sums: dict[str, float] = carried_sums
+        sums: dict[str, float] = carried
         n_steps = done_in_epoch
         batches = shard.iter_torch_batches(
             batch_size=spec.micro_batch, dtypes=torch.long, device=device, drop_last=True,
@@ -245,10 +258,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"stop_after_steps={spec.stop_after_steps} reached (fault injection)")
             if spec.checkpoint_every_steps and state["global_step"] % spec.checkpoint_every_steps == 0:
                 report({"epoch": epoch, "step": state["global_step"]},
-                       dict(state, epoch=epoch, epoch_step=step, epoch_sums=dict(sums),
+                       dict(state, epoch=epoch, epoch_step=step, epoch_sums=summed_over_workers(sums, device),
                             epoch_seconds=time.time() - epoch_start),
                        best_weights, engine, optimizer, zero, rank, world)
-        done_in_epoch, carried_sums, carried_seconds = 0, {}, 0.0
+        done_in_epoch, carried, carried_seconds = 0, {}, 0.0
         if n_steps == 0:
             raise ValueError(f"worker {rank}: no training batch of {spec.micro_batch} rows in epoch {epoch + 1}; "
                              "lower --batch-size or add data")
