@@ -139,7 +139,8 @@ from jobs.common.train_checkpoint import full_params, restore, write_checkpoint
 
 def build(stage):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     config = resolve_ds_config({"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}}, 2, 1, 1)

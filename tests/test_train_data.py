@@ -113,7 +113,8 @@ def test_a_run_must_fill_one_optimiser_step_per_worker(tmp_path, rows, workers, 
     if fits:
         assert make_spec(config, config.output, train_rows=rows).grad_accum == accum
     else:
-        with pytest.raises(ValueError, match=f"cannot fill one optimiser step of --batch-size 64 x --grad-accum {accum}"):
+        with pytest.raises(ValueError,
+                           match=f"cannot fill one optimiser step of --batch-size 64 x --grad-accum {accum}"):
             make_spec(config, config.output, train_rows=rows)
 
 

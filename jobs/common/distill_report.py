@@ -146,7 +146,8 @@ def write_distill_report(config, output: Path, teacher_dir: Path) -> dict[str, A
     weights = {**loss_weights(config), "blocks": config.blocks, "student_init": config.student_init,
                "student_finetuning": config.student_finetuning}
     report = {"teacher_dir": str(teacher_dir), "student_dir": str(output / "best"), "parameters": params,
-              "metrics": metrics_rows, "teacher_setup_differences": differences, "protocols": protocols, "epoch_seconds": epoch_seconds,
+              "metrics": metrics_rows, "teacher_setup_differences": differences, "protocols": protocols,
+              "epoch_seconds": epoch_seconds,
               "inference": speed, "probe": probe, "distillation": weights,
               "student_final": student_metrics["final"], "history": student_metrics["history"]}
     atomic_write_json(output / "report.json", report)

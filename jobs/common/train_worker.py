@@ -81,6 +81,9 @@ def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+_COUNT = "#micro-batches"  # summed beside the loss terms; no term has this name
+
+
 def summed_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Every worker's values added up, by name (collective: every rank calls it with the
     same names)."""
@@ -92,8 +95,9 @@ def summed_over_workers(values: dict[str, float], device: torch.device) -> dict[
 def epoch_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
     """Each loss term's mean over every worker's micro-batches (not rank 0's share alone),
     from this worker's sums over its `count` micro-batches."""
-    totals = summed_over_workers({**{f"term.{k}": v for k, v in sums.items()}, "count": float(count)}, device)
-    return {k[len("term."):]: v / totals["count"] for k, v in totals.items() if k != "count"}
+    totals = summed_over_workers({**sums, _COUNT: float(count)}, device)
+    pooled_count = totals.pop(_COUNT)
+    return {k: v / pooled_count for k, v in totals.items()}
 
 
 def carried_sums(saved: dict[str, float], rank: int) -> dict[str, float]:
