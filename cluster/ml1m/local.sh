@@ -2,7 +2,7 @@
 # The whole ML-1M recipe of this directory on one machine's CPUs (local Ray, fp32), as the
 # README's ml1m200h runs were made:
 #
-#   bash cluster/ml1m/local.sh                 # ~4 h on 2 idle AVX2 cores; rerun it to go on
+#   bash cluster/ml1m/local.sh                 # ~6.5 h on 2 idle AVX2 cores; rerun it to go on
 #   RUNS=runs/other bash cluster/ml1m/local.sh  # another output root (data stays in $OUT)
 #
 # Every stage whose REPORT.md exists is skipped; a training stage that was stopped resumes
